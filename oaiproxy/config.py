@@ -1,0 +1,328 @@
+"""
+Frozen configuration values, validated at construction. No I/O happens here.
+
+A L{ProxyConfig} is built either in plain Python (C{proxy.tac}) or from the command line
+(L{oaiproxy.tap}); both hand it to L{oaiproxy.service.build_service}.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hyperlink import URL
+
+__all__ = [
+    "ConfigError",
+    "Deadlines",
+    "Limits",
+    "ListenerConfig",
+    "PoolConfig",
+    "ProxyConfig",
+    "UpstreamConfig",
+    "parse_listen",
+    "parse_upstream",
+]
+
+MiB = 1024 * 1024
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """
+    Upstream deadlines, in seconds. Each may be C{None} to disable it.
+
+    @ivar connect: to establish the TCP (and TLS) connection to an upstream.
+    @ivar first_byte: from sending the request to the first byte of the response body (for
+        streams, the time to first token); covers waiting for the response headers too.
+    @ivar idle: the longest silent gap between two body chunks of one response.
+    @ivar total: the whole exchange, from the request's arrival to the last byte.
+    """
+
+    connect: float | None = 5.0
+    first_byte: float | None = 600.0
+    idle: float | None = 300.0
+    total: float | None = 3600.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "first_byte", "idle", "total"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"deadline {name} must be positive or None, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    Per-request and per-connection limits.
+
+    @ivar max_body_bytes: request bodies larger than this get 413 (default 32 MiB: images in
+        base64 are large).
+    @ivar stream_high_water: bytes of response a single downstream stream may have queued in
+        the proxy before the upstream read is paused (resumed below half of it).
+    @ivar client_idle_timeout: seconds an idle client connection is kept open.
+    @ivar max_attempts: upstreams tried for one request before giving up (failover bound).
+    @ivar upstream_connections: idle persistent connections kept per upstream.
+    """
+
+    max_body_bytes: int = 32 * MiB
+    stream_high_water: int = 256 * 1024
+    client_idle_timeout: float = 60.0
+    max_attempts: int = 3
+    upstream_connections: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 0:
+            raise ConfigError("max_body_bytes must be >= 0")
+        if self.stream_high_water < 16 * 1024:
+            raise ConfigError("stream_high_water must be at least 16384 bytes")
+        if not self.client_idle_timeout > 0:
+            raise ConfigError("client_idle_timeout must be positive")
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts must be at least 1")
+        if self.upstream_connections < 1:
+            raise ConfigError("upstream_connections must be at least 1")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """
+    One OpenAI-style upstream: a base URL such as C{http://127.0.0.1:9001/v1}.
+
+    A client's C{/v1/<rest>?<query>} goes to C{<base>/<rest>?<query>}.
+
+    @ivar key_env: name of an environment variable holding the upstream API key; when set,
+        the proxy sends C{Authorization: Bearer $NAME} in place of the client's.
+    @ivar ca_bundle: a PEM file of CA certificates to verify this upstream with (HTTPS only);
+        the system trust store otherwise.
+    @ivar name: a short label for logs and the C{x-oaiproxy-upstream} header; defaults to
+        C{host:port}.
+    """
+
+    url: str
+    weight: int = 1
+    key_env: str | None = None
+    ca_bundle: str | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            parsed = URL.from_text(self.url)
+        except Exception as e:
+            raise ConfigError(f"upstream URL {self.url!r} does not parse: {e}") from None
+        if parsed.scheme not in ("http", "https"):
+            raise ConfigError(f"upstream URL {self.url!r} must be http:// or https://")
+        if not parsed.host:
+            raise ConfigError(f"upstream URL {self.url!r} has no host")
+        if parsed.query or parsed.fragment:
+            raise ConfigError(f"upstream URL {self.url!r} must not have a query or fragment")
+        if not 1 <= self.weight <= 1000:
+            raise ConfigError(f"upstream weight must be 1..1000, not {self.weight}")
+        if self.key_env is not None and not _ENV_NAME.match(self.key_env):
+            raise ConfigError(f"key_env {self.key_env!r} is not an environment variable name")
+        if self.ca_bundle is not None and parsed.scheme != "https":
+            raise ConfigError("ca_bundle only applies to https:// upstreams")
+        if not self.name:
+            object.__setattr__(self, "name", f"{parsed.host}:{parsed.port}")
+
+    @property
+    def parsed(self) -> URL:
+        """The base URL as a hyperlink value."""
+        return URL.from_text(self.url)
+
+    @property
+    def host(self) -> str:
+        """The upstream's host name or address."""
+        return str(self.parsed.host)
+
+    @property
+    def port(self) -> int:
+        """The upstream's TCP port (scheme default when absent)."""
+        port = self.parsed.port
+        assert port is not None  # hyperlink fills in 80/443 for http/https
+        return int(port)
+
+    @property
+    def is_tls(self) -> bool:
+        """Whether the upstream is reached over HTTPS."""
+        return self.parsed.scheme == "https"
+
+    @property
+    def base_path(self) -> bytes:
+        """The base path without a trailing slash, e.g. C{b"/v1"}, or C{b""} for the root."""
+        path = "/".join(seg for seg in self.parsed.path if seg)
+        return ("/" + path).encode("ascii") if path else b""
+
+    @property
+    def host_header(self) -> bytes:
+        """The C{Host} header value for this upstream: port only when not the default."""
+        parsed = self.parsed
+        default = 443 if parsed.scheme == "https" else 80
+        host = parsed.host
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        if parsed.port is None or parsed.port == default:
+            return host.encode("idna")
+        return f"{host}:{parsed.port}".encode("idna")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """
+    A named group of upstreams served by one balancer.
+
+    Today there is one pool, C{default}; routing by model (pools, aliases, fallbacks) builds on
+    this type.
+    """
+
+    upstreams: tuple[UpstreamConfig, ...]
+    name: str = "default"
+    balancer: Literal["swrr"] = "swrr"
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            raise ConfigError(f"pool {self.name!r} has no upstreams")
+        names = [u.name for u in self.upstreams]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"pool {self.name!r} has upstreams with the same name: {names}")
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """
+    One listening socket.
+
+    C{tcp} serves plain HTTP/1.1; C{tls} serves TLS with ALPN C{h2} and C{http/1.1}, with
+    either a key and certificate from files or a generated self-signed certificate.
+    """
+
+    kind: Literal["tcp", "tls"]
+    port: int
+    interface: str = ""
+    private_key: str | None = None
+    cert_key: str | None = None
+    self_signed: bool = False
+    backlog: int = 511
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"listen port {self.port} out of range")
+        if self.kind == "tcp" and (self.private_key or self.cert_key or self.self_signed):
+            raise ConfigError("a tcp listener takes no certificate")
+        if self.kind == "tls":
+            if self.self_signed and (self.private_key or self.cert_key):
+                raise ConfigError("a tls listener is either selfsigned or has key files, not both")
+            if not self.self_signed and not self.private_key:
+                raise ConfigError(
+                    "a tls listener needs privateKey=FILE (and certKey=FILE), or selfsigned"
+                )
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """
+    The whole proxy: where it listens, where it forwards, and its limits.
+
+    @ivar demo: start two in-process mock upstreams (weights 1 and 3) and use them as the
+        default pool; answers are fake.
+    @ivar state_dir: where generated files (the self-signed certificate) are kept.
+    """
+
+    listeners: tuple[ListenerConfig, ...]
+    pools: tuple[PoolConfig, ...] = ()
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    limits: Limits = field(default_factory=Limits)
+    demo: bool = False
+    state_dir: str = ".oaiproxy"
+
+    def __post_init__(self) -> None:
+        if not self.listeners:
+            raise ConfigError("at least one listener is needed")
+        if not self.pools and not self.demo:
+            raise ConfigError("at least one upstream is needed (or demo mode)")
+        if len(self.pools) > 1:
+            raise ConfigError("only one pool is supported in this version")
+
+
+def _split_kv(parts: list[str], spec: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in parts:
+        if "=" in part:
+            key, _, value = part.partition("=")
+        else:
+            key, value = part, ""
+        if key in out:
+            raise ConfigError(f"{key!r} given twice in {spec!r}")
+        out[key] = value
+    return out
+
+
+def parse_listen(spec: str) -> ListenerConfig:
+    """
+    Parse a C{--listen} value.
+
+    C{tcp:PORT[:interface=ADDR]}, C{ssl:PORT:privateKey=KEY[:certKey=CERT][:interface=ADDR]},
+    or C{ssl:PORT:selfsigned[:interface=ADDR]}.
+
+    @raise ConfigError: on anything else.
+    """
+    # IPv6 interfaces are written with escaped colons, as in Twisted endpoint strings.
+    parts = [p.replace("\x00", ":") for p in spec.replace("\\:", "\x00").split(":")]
+    if len(parts) < 2:
+        raise ConfigError(f"listen {spec!r}: expected tcp:PORT or ssl:PORT:...")
+    kind_word, port_text, rest = parts[0], parts[1], parts[2:]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"listen {spec!r}: port {port_text!r} is not a number") from None
+    opts = _split_kv(rest, spec)
+    interface = opts.pop("interface", "")
+    backlog = int(opts.pop("backlog", "511"))
+    if kind_word == "tcp":
+        if opts:
+            raise ConfigError(f"listen {spec!r}: unknown options {sorted(opts)}")
+        return ListenerConfig("tcp", port, interface=interface, backlog=backlog)
+    if kind_word in ("ssl", "tls"):
+        self_signed = "selfsigned" in opts
+        if self_signed and opts.pop("selfsigned") not in ("", "yes", "true", "1"):
+            raise ConfigError(f"listen {spec!r}: selfsigned takes no value")
+        private_key = opts.pop("privateKey", None)
+        cert_key = opts.pop("certKey", None) or private_key
+        if opts:
+            raise ConfigError(f"listen {spec!r}: unknown options {sorted(opts)}")
+        return ListenerConfig(
+            "tls",
+            port,
+            interface=interface,
+            private_key=private_key,
+            cert_key=cert_key,
+            self_signed=self_signed,
+            backlog=backlog,
+        )
+    raise ConfigError(f"listen {spec!r}: kind must be tcp or ssl, not {kind_word!r}")
+
+
+def parse_upstream(spec: str) -> UpstreamConfig:
+    """
+    Parse an C{--upstream} value: C{URL[,weight=N][,key_env=NAME][,ca=FILE][,name=LABEL]}.
+
+    @raise ConfigError: on an unknown option or an invalid value.
+    """
+    url, *rest = spec.split(",")
+    opts = _split_kv(rest, spec)
+    try:
+        weight = int(opts.pop("weight", "1"))
+    except ValueError:
+        raise ConfigError(f"upstream {spec!r}: weight must be an integer") from None
+    key_env = opts.pop("key_env", None)
+    ca_bundle = opts.pop("ca", None)
+    name = opts.pop("name", "")
+    if opts:
+        raise ConfigError(f"upstream {spec!r}: unknown options {sorted(opts)}")
+    return UpstreamConfig(url=url, weight=weight, key_env=key_env, ca_bundle=ca_bundle, name=name)

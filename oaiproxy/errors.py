@@ -1,0 +1,151 @@
+"""
+The error tree: every error a client can see, with its HTTP status and OpenAI type/code.
+
+The resource layer (L{oaiproxy.http.resource}) is the one place that turns these into responses.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+
+class ProxyError(Exception):
+    """
+    Base of every error that reaches a client as OpenAI-shaped JSON.
+
+    Subclasses set C{status}, C{error_type} and C{code}. C{retry_after} (seconds) becomes a
+    C{Retry-After} header; C{retryable} says whether another upstream may be tried (only while
+    nothing was sent downstream).
+    """
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "api_error"
+    code: ClassVar[str | None] = None
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI-shaped error object: all four keys always present."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        """The error body as compact JSON bytes."""
+        return json.dumps(self.body(), separators=(",", ":")).encode("utf-8")
+
+    def to_sse(self) -> bytes:
+        """The error as one server-sent event, for streams already under way."""
+        return b"data: " + self.to_json() + b"\n\n"
+
+
+class InvalidRequest(ProxyError):
+    """The client's request is malformed (bad JSON, bad header)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidJSON(InvalidRequest):
+    """The body of a JSON endpoint does not parse as a JSON object."""
+
+    code = "invalid_json"
+
+
+class NotFound(ProxyError):
+    """No such route on this proxy."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    """The route exists but not for this method."""
+
+    status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class BodyTooLarge(ProxyError):
+    """The request body exceeds the configured cap."""
+
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(ProxyError):
+    """Base of failures on the upstream side."""
+
+    status = 502
+    error_type = "api_error"
+    code = "upstream_error"
+
+
+class UpstreamConnectFailed(UpstreamError):
+    """The upstream refused, reset or could not be reached; another may be tried."""
+
+    code = "upstream_connect_failed"
+    retryable = True
+
+
+class UpstreamBadStatus(UpstreamError):
+    """The upstream answered 502/503 before any byte went downstream; another may be tried."""
+
+    code = "upstream_unavailable"
+    retryable = True
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream sent something that is not valid HTTP."""
+
+    code = "upstream_protocol_error"
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    """A deadline (connect, first byte, idle, total) expired."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """The connection to an upstream was not established in time; another may be tried."""
+
+    code = "upstream_connect_timeout"
+    retryable = True
+
+
+class UpstreamDisconnected(UpstreamError):
+    """The upstream went away mid-response."""
+
+    code = "upstream_disconnected"
+
+
+class NoUpstreamAvailable(ProxyError):
+    """No upstream is usable at all."""
+
+    status = 503
+    error_type = "api_error"
+    code = "no_upstream_available"

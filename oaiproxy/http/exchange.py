@@ -1,0 +1,245 @@
+"""
+One request's upstream phases: pick an upstream, forward, fail over while nothing was sent
+downstream, enforce the first-byte and total deadlines, and hand the response to the relay.
+
+A client that goes away cancels whatever is under way: the connection attempt, the wait for
+headers (cancelling the Agent's Deferred), or the body (stopping its transport).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IResponse
+from twisted.web.server import Request
+from typing_extensions import override
+
+from oaiproxy.balancing.pool import Pool, Upstream
+from oaiproxy.config import Deadlines, Limits
+from oaiproxy.context import RequestContext
+from oaiproxy.errors import (
+    NoUpstreamAvailable,
+    ProxyError,
+    UpstreamBadStatus,
+    UpstreamConnectFailed,
+    UpstreamTimeout,
+)
+from oaiproxy.http.forwarder import Forwarder, map_failure
+from oaiproxy.http.relay import Relay
+
+__all__ = ["Exchange"]
+
+log = Logger()
+
+#: Statuses after which another upstream is tried, if nothing was sent downstream yet.
+FAILOVER_STATUSES = frozenset({502, 503})
+
+
+class _Discard(Protocol):
+    """Throws a response body away by closing its connection (it will not be reused)."""
+
+    @override
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+class Exchange:
+    """
+    Drives one client request through the upstream phases until it is answered.
+
+    @param on_error: writes an error response to the client; the resource layer's one error
+        mapping. Called at most once, only while nothing else was written downstream.
+    """
+
+    def __init__(
+        self,
+        ctx: RequestContext,
+        request: Request,
+        *,
+        pool: Pool,
+        forwarder: Forwarder,
+        clock: IReactorTime,
+        deadlines: Deadlines,
+        limits: Limits,
+        on_error: Callable[[ProxyError], None],
+    ) -> None:
+        self.ctx = ctx
+        self._request = request
+        self._pool = pool
+        self._forwarder = forwarder
+        self._clock = clock
+        self._deadlines = deadlines
+        self._limits = limits
+        self._on_error = on_error
+        self._tried: list[str] = []
+        self._last_error: ProxyError | None = None
+        self._pending: Deferred[IResponse] | None = None
+        self._relay: Relay | None = None
+        self._upstream: Upstream | None = None
+        self._first_byte_call: IDelayedCall | None = None
+        self._total_call: IDelayedCall | None = None
+        self.done = False
+        self.client_gone = False
+
+    def start(self) -> None:
+        """Begin: watch for the client going away, arm the total deadline, try an upstream."""
+        self._request.notifyFinish().addErrback(self._client_went_away)
+        total = self._deadlines.total
+        if total is not None:
+            remaining = max(0.0, total - (self._clock.seconds() - self.ctx.started))
+            self._total_call = self._clock.callLater(remaining, self._total_expired)
+        self._attempt()
+
+    # -- attempts ------------------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        upstream = self._pool.pick(exclude=self._tried)
+        if upstream is None:
+            self._give_up(
+                self._last_error or NoUpstreamAvailable("no upstream is available", retry_after=1)
+            )
+            return
+        self._tried.append(upstream.name)
+        self._upstream = upstream
+        try:
+            d = self._forwarder.send(self.ctx, upstream)
+        except ProxyError as e:
+            self._give_up(e)
+            return
+        self._pending = d
+        first_byte = self._deadlines.first_byte
+        if first_byte is not None:
+            self._first_byte_call = self._clock.callLater(first_byte, self._first_byte_expired)
+        d.addCallbacks(self._got_response, self._attempt_failed)
+
+    def _can_retry(self) -> bool:
+        return len(self._tried) < min(self._limits.max_attempts, len(self._pool.upstreams))
+
+    def _record(self, outcome: str) -> None:
+        name = self._upstream.name if self._upstream is not None else "-"
+        self.ctx.attempts.append((name, outcome))
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        self._pending = None
+        self._cancel_first_byte()
+        if self.done:
+            return  # cancelled by us: deadline or client gone
+        error = map_failure(failure)
+        self._record(error.code or "error")
+        log.info(
+            "upstream {upstream} failed for {request_id}: {error}",
+            upstream=self._upstream.name if self._upstream else "-",
+            request_id=self.ctx.request_id.decode("ascii", "replace"),
+            error=error.message,
+        )
+        self._last_error = error
+        if error.retryable and self._can_retry():
+            self._attempt()
+        else:
+            self._give_up(error)
+
+    def _got_response(self, response: IResponse) -> None:
+        self._pending = None
+        if self.done:
+            response.deliverBody(_Discard())
+            return
+        if response.code in FAILOVER_STATUSES and self._can_retry():
+            self._record(str(response.code))
+            self._cancel_first_byte()
+            response.deliverBody(_Discard())
+            self._last_error = UpstreamBadStatus(f"upstream answered {response.code}")
+            self._attempt()
+            return
+        self._record(str(response.code))
+        self._relay = Relay(
+            self._request,
+            response,
+            self._clock,
+            request_id=self.ctx.request_id,
+            idle_timeout=self._deadlines.idle,
+            on_first_byte=self._cancel_first_byte,
+            on_end=self._relay_ended,
+        )
+        self._relay.start()
+
+    def _relay_ended(self, error: ProxyError | None) -> None:
+        if error is None:
+            self._finish()
+        else:
+            self._give_up(error)
+
+    # -- endings -------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        self.done = True
+        self._cancel_timers()
+
+    def _give_up(self, error: ProxyError) -> None:
+        """Answer the client with C{error}; nothing has been written downstream yet."""
+        if self.done:
+            return
+        self.done = True
+        self._cancel_timers()
+        if isinstance(error, UpstreamConnectFailed | UpstreamBadStatus) and not error.retry_after:
+            error.retry_after = 1
+        if not self.client_gone:
+            self._on_error(error)
+
+    def _abandon(self, error: ProxyError | None) -> None:
+        """Stop the upstream work under way; with an C{error}, tell the client."""
+        if self.done:
+            return
+        if self._relay is not None:
+            self._relay.abort(error)  # ends through _relay_ended
+            if not self.done:
+                self._finish()
+            return
+        pending, self._pending = self._pending, None
+        if error is not None:
+            self._give_up(error)
+        else:
+            self.done = True
+            self._cancel_timers()
+        if pending is not None:
+            pending.cancel()
+
+    def _client_went_away(self, reason: Failure) -> None:
+        self.client_gone = True
+        if self.done:
+            return
+        log.info(
+            "client went away, cancelling upstream for {request_id}",
+            request_id=self.ctx.request_id.decode("ascii", "replace"),
+        )
+        self._abandon(None)
+
+    # -- deadlines -----------------------------------------------------------------------
+
+    def _first_byte_expired(self) -> None:
+        self._first_byte_call = None
+        self._abandon(
+            UpstreamTimeout(
+                f"no response from the upstream within {self._deadlines.first_byte:g}s"
+            )
+        )
+
+    def _total_expired(self) -> None:
+        self._total_call = None
+        self._abandon(UpstreamTimeout(f"the request took longer than {self._deadlines.total:g}s"))
+
+    def _cancel_first_byte(self) -> None:
+        if self._first_byte_call is not None and self._first_byte_call.active():
+            self._first_byte_call.cancel()
+        self._first_byte_call = None
+
+    def _cancel_timers(self) -> None:
+        self._cancel_first_byte()
+        if self._total_call is not None and self._total_call.active():
+            self._total_call.cancel()
+        self._total_call = None

@@ -1,0 +1,199 @@
+"""
+The upstream HTTP/1.1 client: one Agent per upstream over a shared persistent connection pool,
+plain or TLS with verified certificates, with a connect deadline; and the mapping of client
+failures onto the proxy's error tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    ParseError,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from oaiproxy.balancing.pool import Upstream
+from oaiproxy.context import RequestContext
+from oaiproxy.errors import (
+    ProxyError,
+    UpstreamConnectFailed,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamProtocolError,
+)
+from oaiproxy.http.headers import upstream_request_headers
+from oaiproxy.tls import upstream_tls_options
+
+__all__ = ["BytesProducer", "DeadlineEndpoint", "Forwarder", "build_agents", "map_failure"]
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, with a known length (so it goes as Content-Length)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        """Nothing to pause: the body is written at once."""
+
+    def resumeProducing(self) -> None:
+        """Nothing to resume."""
+
+    def stopProducing(self) -> None:
+        """Nothing to stop."""
+
+
+class ConnectDeadlineExpired(Exception):
+    """The connect deadline expired before the connection was made."""
+
+
+@implementer(IStreamClientEndpoint)
+class DeadlineEndpoint:
+    """
+    Wraps an endpoint so that C{connect} fails with L{ConnectDeadlineExpired} (and the attempt
+    is cancelled) if it has not succeeded within C{timeout} seconds on C{clock}.
+    """
+
+    def __init__(self, wrapped: IStreamClientEndpoint, timeout: float, clock: IReactorTime):
+        self._wrapped = wrapped
+        self._timeout = timeout
+        self._clock = clock
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        d: Deferred[IProtocol] = self._wrapped.connect(protocolFactory)
+
+        def expired(_: Any, timeout: float) -> Any:
+            raise ConnectDeadlineExpired(f"no connection after {timeout:g}s")
+
+        return d.addTimeout(self._timeout, self._clock, onTimeoutCancel=expired)
+
+
+@implementer(IAgentEndpointFactory)
+class _UpstreamEndpointFactory:
+    """Endpoints for one upstream: TCP (and TLS with hostname verification), under a deadline."""
+
+    def __init__(self, reactor: Any, upstream: Upstream, connect_timeout: float | None) -> None:
+        self._reactor = reactor
+        self._config = upstream.config
+        self._timeout = connect_timeout
+        self._tls = (
+            upstream_tls_options(self._config.host, self._config.ca_bundle)
+            if self._config.is_tls
+            else None
+        )
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        config = self._config
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, config.host, config.port)
+        if self._tls is not None:
+            endpoint = wrapClientTLS(self._tls, endpoint)
+        if self._timeout is not None:
+            endpoint = DeadlineEndpoint(endpoint, self._timeout, self._reactor)
+        return endpoint
+
+
+def build_agents(
+    reactor: Any,
+    upstreams: list[Upstream],
+    *,
+    connect_timeout: float | None,
+    idle_connections: int,
+    keepalive: float,
+) -> dict[str, IAgent]:
+    """
+    One L{Agent} per upstream, sharing one persistent L{HTTPConnectionPool}.
+
+    @param reactor: provides IReactorTCP, IReactorTime and name resolution.
+    @param idle_connections: idle connections kept per upstream (busy ones are not capped).
+    @param keepalive: seconds an idle pooled connection is kept; keep it below the upstream's
+        own keep-alive timeout (uvicorn's default is 5 s) to avoid racing its close.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = idle_connections
+    pool.cachedConnectionTimeout = keepalive  # type: ignore[assignment]  # Twisted annotates int; it is a callLater delay
+    return {
+        u.name: Agent.usingEndpointFactory(
+            reactor, _UpstreamEndpointFactory(reactor, u, connect_timeout), pool
+        )
+        for u in upstreams
+    }
+
+
+def map_failure(failure: Failure) -> ProxyError:
+    """
+    The proxy error for a failure of an upstream request before its response headers.
+
+    Connection failures and responses never received (typically a pooled connection the
+    upstream had closed) are retryable on another upstream; malformed responses are protocol
+    errors, also retryable since nothing was sent to the client yet.
+    """
+    exc = failure.value
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, ConnectDeadlineExpired):
+        return UpstreamConnectTimeout(f"upstream connection timed out: {exc}")
+    if isinstance(exc, ierror.ConnectError):
+        return UpstreamConnectFailed(f"upstream connection failed: {exc.__class__.__name__}")
+    if isinstance(exc, ResponseFailed | RequestTransmissionFailed):
+        reasons = getattr(exc, "reasons", [])
+        for reason in reasons:
+            if isinstance(reason.value, ParseError):
+                return UpstreamProtocolError("upstream sent an invalid response")
+        if isinstance(exc, ResponseNeverReceived | RequestTransmissionFailed):
+            return UpstreamConnectFailed("upstream closed the connection before answering")
+        return UpstreamProtocolError("upstream response failed")
+    return UpstreamError(f"upstream request failed: {exc.__class__.__name__}")
+
+
+class Forwarder:
+    """Sends a client's request to a chosen upstream."""
+
+    def __init__(self, agents: Mapping[str, IAgent]) -> None:
+        self._agents = agents
+
+    def send(self, ctx: RequestContext, upstream: Upstream) -> Deferred[IResponse]:
+        """
+        Start the upstream request; the Deferred fires with the response once its headers
+        arrive, and may be cancelled (which closes the upstream connection attempt).
+
+        @raise InvalidRequest: if a client header cannot be written as HTTP/1.1.
+        """
+        config = upstream.config
+        headers = upstream_request_headers(
+            ctx.headers,
+            host=config.host_header,
+            api_key=upstream.api_key,
+            client_ip=ctx.client_ip,
+            secure=ctx.secure,
+            request_id=ctx.request_id,
+            stream=ctx.stream,
+        )
+        scheme = b"https" if config.is_tls else b"http"
+        url = b"%s://%s%s%s" % (scheme, config.host_header, config.base_path, ctx.rest)
+        if ctx.query:
+            url += b"?" + ctx.query
+        body = BytesProducer(ctx.body) if ctx.body or ctx.method in (b"POST", b"PUT") else None
+        return self._agents[upstream.name].request(ctx.method, url, headers, body)

@@ -1,0 +1,146 @@
+"""
+Header translation between the client side (HTTP/2 or HTTP/1.1) and HTTP/1.1 upstreams.
+
+Pure functions on L{Headers}: hop-by-hop headers are dropped in both directions, framing
+headers are left to be recomputed from the bytes actually relayed, and every name and value is
+validated before it is written as HTTP/1.1 text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from twisted.web.http_headers import Headers
+
+from oaiproxy.errors import InvalidRequest
+
+__all__ = [
+    "HOP_BY_HOP",
+    "downstream_response_headers",
+    "is_valid_name",
+    "is_valid_value",
+    "upstream_request_headers",
+]
+
+#: Headers that describe one connection, never forwarded (RFC 9110 7.6.1, plus Proxy-*).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Recomputed or set by the proxy itself on the way up.
+_NOT_FORWARDED_UP = frozenset(
+    {b"host", b"content-length", b"expect", b"x-forwarded-proto", b"http2-settings"}
+)
+# Recomputed by the proxy on the way down (framing), or replaced by its own.
+_NOT_FORWARDED_DOWN = frozenset({b"content-length", b"server", b"date"})
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_VALUE = re.compile(rb"[\r\n\x00]")
+
+
+def is_valid_name(name: bytes) -> bool:
+    """Whether C{name} is an RFC 9110 token (what may be written as an HTTP/1.1 name)."""
+    return _TOKEN.match(name) is not None
+
+
+def is_valid_value(value: bytes) -> bool:
+    """Whether C{value} is free of CR, LF and NUL."""
+    return _BAD_VALUE.search(value) is None
+
+
+def _connection_named(headers: Headers) -> frozenset[bytes]:
+    """The header names listed in C{Connection}, lower-cased: they are hop-by-hop too."""
+    named: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        for raw in value.split(b","):
+            token = raw.strip().lower()
+            if token:
+                named.add(token)
+    return frozenset(named)
+
+
+def _end_to_end(headers: Headers, skip: frozenset[bytes]) -> Iterable[tuple[bytes, bytes, bytes]]:
+    """Yield (lower name, name, value) for the end-to-end headers not in C{skip}."""
+    dropped = HOP_BY_HOP | skip | _connection_named(headers)
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in dropped or lower.startswith(b":"):
+            continue
+        for value in values:
+            yield lower, name, value
+
+
+def upstream_request_headers(
+    client: Headers,
+    *,
+    host: bytes,
+    api_key: bytes | None,
+    client_ip: str,
+    secure: bool,
+    request_id: bytes,
+    stream: bool,
+) -> Headers:
+    """
+    The headers to send upstream for a client's request.
+
+    C{Host} comes from the upstream URL (C{host}), never from the client; with C{api_key} the
+    client's C{Authorization} is replaced; C{X-Forwarded-For} gets the client's address
+    appended, C{X-Forwarded-Proto} says how the client connected; C{x-request-id} is set. For
+    streamed answers, C{Accept-Encoding: identity} keeps the upstream from compressing events.
+
+    @raise InvalidRequest: if a client header name or value could not be written safely as
+        HTTP/1.1 (not a token; CR, LF or NUL in it).
+    """
+    out = Headers()
+    for lower, name, value in _end_to_end(client, _NOT_FORWARDED_UP):
+        if not is_valid_name(name):
+            raise InvalidRequest(f"invalid header name {name!r}")
+        if not is_valid_value(value):
+            raise InvalidRequest(f"invalid value in header {name.decode('latin-1')!r}")
+        if lower == b"authorization" and api_key is not None:
+            continue
+        if lower in (b"x-forwarded-for", b"x-request-id"):
+            continue
+        if lower == b"accept-encoding" and stream:
+            continue
+        out.addRawHeader(name, value)
+    out.setRawHeaders(b"host", [host])
+    if api_key is not None:
+        out.setRawHeaders(b"authorization", [b"Bearer " + api_key])
+    forwarded = [v.strip() for v in client.getRawHeaders(b"x-forwarded-for", []) if v.strip()]
+    for value in forwarded:
+        if not is_valid_value(value):
+            raise InvalidRequest("invalid value in header 'X-Forwarded-For'")
+    out.setRawHeaders(
+        b"x-forwarded-for", [b", ".join([*forwarded, client_ip.encode("ascii", "replace")])]
+    )
+    out.setRawHeaders(b"x-forwarded-proto", [b"https" if secure else b"http"])
+    out.setRawHeaders(b"x-request-id", [request_id])
+    if stream:
+        out.setRawHeaders(b"accept-encoding", [b"identity"])
+    return out
+
+
+def downstream_response_headers(upstream: Headers) -> list[tuple[bytes, bytes]]:
+    """
+    The upstream response headers that go back to the client, as (name, value) pairs.
+
+    Hop-by-hop and framing headers are dropped (the proxy recomputes framing); headers that are
+    not safe to write (bad name, CR/LF/NUL in the value) are dropped rather than relayed.
+    """
+    return [
+        (name, value)
+        for _, name, value in _end_to_end(upstream, _NOT_FORWARDED_DOWN)
+        if is_valid_name(name) and is_valid_value(value)
+    ]

@@ -1,0 +1,275 @@
+"""
+The streaming relay: an upstream response body, written to the downstream request as it
+arrives, with backpressure both ways.
+
+The relay is the protocol given to C{IResponse.deliverBody} and the push producer registered
+on the downstream request before its first write: when the client reads slowly, the downstream
+transport (HTTP/1.1) or the HTTP/2 stream pauses the relay, which pauses the upstream body
+transport, i.e. the upstream socket read. Bytes pass through untouched; small reads that arrive
+within one reactor turn are coalesced into one downstream write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._http2 import H2Stream
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.server import Request
+from typing_extensions import override
+from zope.interface import implementer
+
+from oaiproxy.errors import ProxyError, UpstreamDisconnected, UpstreamTimeout
+from oaiproxy.http.headers import downstream_response_headers
+
+__all__ = ["Relay", "abort_downstream"]
+
+log = Logger()
+
+
+def abort_downstream(request: Request) -> None:
+    """
+    Cut the client's response short so it cannot mistake it for complete: RST_STREAM on
+    HTTP/2, an aborted connection on HTTP/1.1.
+    """
+    channel: Any = request.channel
+    if isinstance(channel, H2Stream):
+        channel.abortConnection()
+    elif channel is not None and channel.transport is not None:
+        channel.transport.abortConnection()
+
+
+@implementer(IPushProducer)
+class Relay(Protocol):
+    """
+    Relays one upstream response body to one downstream request.
+
+    The response head is written downstream lazily, with the first body byte (or at the end of
+    an empty body), so that until then the exchange may still answer with an error or try
+    another upstream. C{on_end} is called exactly once: with C{None} when the response was
+    relayed completely or ended by the relay itself, or with a L{ProxyError} when the upstream
+    failed before anything was written downstream (the caller decides what to do).
+
+    @ivar committed: whether the response head has been written downstream.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        response: IResponse,
+        clock: IReactorTime,
+        *,
+        request_id: bytes,
+        idle_timeout: float | None,
+        on_first_byte: Callable[[], None],
+        on_end: Callable[[ProxyError | None], None],
+    ) -> None:
+        self._request = request
+        self._response = response
+        self._clock = clock
+        self._request_id = request_id
+        self._idle_timeout = idle_timeout
+        self._on_first_byte = on_first_byte
+        self._on_end: Callable[[ProxyError | None], None] | None = on_end
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        self.is_sse = content_type.lower().startswith(b"text/event-stream")
+        self.committed = False
+        self.bytes_relayed = 0
+        self._buffer: list[bytes] = []
+        self._flush_call: IDelayedCall | None = None
+        self._idle_call: IDelayedCall | None = None
+        self._paused = False
+        self._registered = False
+        self._seen_first_byte = False
+
+    def start(self) -> None:
+        """Ask the response for its body; bytes flow from the next reactor turn on."""
+        self._response.deliverBody(self)
+
+    # -- IProtocol, fed by the upstream response ------------------------------------------
+
+    @override
+    def connectionMade(self) -> None:
+        # Register before the first write, so a slow client pauses the upstream read from the
+        # very first byte. self.transport is the TransportProxyProducer of the upstream body.
+        self._request.registerProducer(self, True)
+        self._registered = True
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        if self._on_end is None:
+            return
+        if not self._seen_first_byte:
+            self._seen_first_byte = True
+            self._on_first_byte()
+        self._buffer.append(data)
+        self._arm_idle()
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self._flush)
+
+    @override
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self._cancel_idle()
+        if self._on_end is None:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._flush()
+            self._complete()
+            return
+        if not self.committed and not self._buffer:
+            self._end(UpstreamDisconnected("upstream closed the connection before the body"))
+            return
+        self._flush()
+        log.info(
+            "upstream dropped mid-response {request_id}: {reason}",
+            request_id=self._request_id.decode("ascii", "replace"),
+            reason=reason.getErrorMessage(),
+        )
+        self._end_with_error(
+            UpstreamDisconnected("the upstream closed the connection mid-response")
+        )
+
+    # -- IPushProducer, driven by the downstream consumer ---------------------------------
+
+    def pauseProducing(self) -> None:
+        """The client is not keeping up: stop reading from the upstream."""
+        self._paused = True
+        self._cancel_idle()
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        """The client caught up: read from the upstream again."""
+        self._paused = False
+        if self._on_end is not None:
+            self._arm_idle()
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        """The downstream consumer is gone: stop the upstream body for good."""
+        self.abort(None)
+
+    # -- called by the exchange ----------------------------------------------------------
+
+    def abort(self, error: ProxyError | None) -> None:
+        """
+        Stop relaying: the upstream body transport is stopped (closing that connection). With
+        an C{error} and a client still there, the client is told as well as its protocol
+        allows (an SSE error event and a clean end, or a cut response).
+        """
+        if self._on_end is None:
+            return
+        if error is None:
+            self._on_end = None
+            self._cleanup()
+            self._stop_upstream()
+            return
+        self._flush()
+        self._stop_upstream()
+        self._end_with_error(error)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _stop_upstream(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def _commit(self) -> None:
+        """Write the response head downstream: status, relayed headers, our framing."""
+        self.committed = True
+        request, response = self._request, self._response
+        request.setResponseCode(response.code, response.phrase)
+        out = request.responseHeaders
+        out.removeHeader(b"server")
+        for name, value in downstream_response_headers(response.headers):
+            out.addRawHeader(name, value)
+        if not out.hasHeader(b"x-request-id"):
+            out.setRawHeaders(b"x-request-id", [self._request_id])
+        if self.is_sse:
+            out.setRawHeaders(b"x-accel-buffering", [b"no"])
+            if not out.hasHeader(b"cache-control"):
+                out.setRawHeaders(b"cache-control", [b"no-cache"])
+        elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            out.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
+
+    def _flush(self) -> None:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if self._on_end is None or not self._buffer:
+            return
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        if not self.committed:
+            self._commit()
+        self.bytes_relayed += len(data)
+        self._request.write(data)
+
+    def _complete(self) -> None:
+        if not self.committed:
+            self._commit()
+        self._end(None)
+
+    def _end_with_error(self, error: ProxyError) -> None:
+        """End a response already under way after an upstream failure."""
+        if not self.committed:
+            self._end(error)
+            return
+        if self.is_sse:
+            self._request.write(error.to_sse())
+            self._end(None)
+        else:
+            on_end = self._on_end
+            self._on_end = None
+            self._cleanup()
+            abort_downstream(self._request)
+            if on_end is not None:
+                on_end(None)
+
+    def _end(self, error: ProxyError | None) -> None:
+        on_end = self._on_end
+        self._on_end = None
+        self._cleanup()
+        if error is None and not getattr(self._request, "_disconnected", False):
+            self._request.finish()
+        if on_end is not None:
+            on_end(error)
+
+    def _cleanup(self) -> None:
+        self._cancel_idle()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._buffer.clear()
+        if self._registered:
+            self._registered = False
+            self._request.unregisterProducer()
+
+    def _arm_idle(self) -> None:
+        # The idle deadline runs between body chunks only: before the first one the exchange's
+        # first-byte deadline applies, and while the client holds us paused the silence is not
+        # the upstream's doing.
+        if self._idle_timeout is None or self._paused or not self._seen_first_byte:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self._idle_timeout)
+        else:
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._idle_expired)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def _idle_expired(self) -> None:
+        self._idle_call = None
+        self.abort(UpstreamTimeout(f"upstream sent nothing for {self._idle_timeout:g}s"))

@@ -1,0 +1,281 @@
+"""
+The HTTP edge: the request class (with its body cap), the one resource that takes every
+request, and the one place where a L{ProxyError} becomes an OpenAI-shaped JSON response.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, ClassVar
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import Resource
+from typing_extensions import override
+
+from oaiproxy.balancing.pool import Pool
+from oaiproxy.config import Deadlines, Limits
+from oaiproxy.context import RequestContext
+from oaiproxy.errors import (
+    BodyTooLarge,
+    InvalidJSON,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+)
+from oaiproxy.http.exchange import Exchange
+from oaiproxy.http.forwarder import Forwarder
+from oaiproxy.http.headers import is_valid_value
+
+__all__ = ["ProxyRequest", "ProxyResource", "request_factory", "write_error"]
+
+log = Logger()
+
+_REQUEST_ID_MAX = 200
+# Printable ASCII without space: what a request target may hold once written as HTTP/1.1.
+_TARGET_OK = frozenset(range(0x21, 0x7F))
+
+
+class _Sink:
+    """A content file that forgets what it is given (bodies over the cap)."""
+
+    def write(self, data: bytes) -> None:
+        """Drop C{data}."""
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+class ProxyRequest(server.Request):
+    """
+    A request whose body is capped at C{max_body_bytes}.
+
+    Over HTTP/1.1 a body known (or found) to be over the cap is answered with 413 at once and
+    the connection is closed, before more of it is read; over HTTP/2 the rest of the stream is
+    discarded as it arrives and 413 is the answer.
+    """
+
+    max_body_bytes: ClassVar[int] = 32 * 1024 * 1024
+    defaultContentType = None
+    body_too_large = False
+    _received = 0
+
+    @override
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body_bytes:
+            self._too_large()
+            return
+        super().gotLength(length)  # type: ignore[no-untyped-call]
+
+    @override
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._received += len(data)
+        if self._received > self.max_body_bytes:
+            self._too_large()
+            return
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+    def _too_large(self) -> None:
+        self.body_too_large = True
+        old = getattr(self, "content", None)
+        if old is not None and not isinstance(old, _Sink):
+            old.close()
+        self.content = _Sink()
+        channel: Any = self.channel
+        transport = getattr(channel, "transport", None)
+        if transport is not None and hasattr(channel, "_networkProducer"):
+            # HTTP/1.1: answer now and close, rather than read a body we will not use.
+            request_id = _request_id(self)
+            error = _too_large_error(self.max_body_bytes)
+            body = error.to_json()
+            transport.write(
+                b"HTTP/1.1 413 Request Entity Too Large\r\n"
+                b"content-type: application/json\r\n"
+                b"content-length: %d\r\n"
+                b"x-request-id: %s\r\n"
+                b"connection: close\r\n\r\n%s" % (len(body), request_id, body)
+            )
+            transport.loseConnection()
+
+
+def request_factory(max_body_bytes: int) -> type[ProxyRequest]:
+    """A L{ProxyRequest} class with the given body cap, for C{Site.requestFactory}."""
+    return type("ProxyRequest", (ProxyRequest,), {"max_body_bytes": max_body_bytes})
+
+
+def _too_large_error(cap: int) -> BodyTooLarge:
+    return BodyTooLarge(f"request body is larger than the limit of {cap} bytes")
+
+
+def _request_id(request: server.Request) -> bytes:
+    """The client's C{x-request-id} if it is sane, else a new one (stored for reuse)."""
+    existing: bytes | None = getattr(request, "_oaiproxy_request_id", None)
+    if existing is not None:
+        return existing
+    given = request.requestHeaders.getRawHeaders(b"x-request-id")
+    if given and 0 < len(given[0]) <= _REQUEST_ID_MAX and all(c in _TARGET_OK for c in given[0]):
+        request_id = given[0]
+    else:
+        request_id = uuid.uuid4().hex.encode("ascii")
+    request._oaiproxy_request_id = request_id  # type: ignore[attr-defined]
+    return request_id
+
+
+def write_error(request: server.Request, error: ProxyError) -> None:
+    """
+    Answer C{request} with C{error} as OpenAI-shaped JSON: its status, C{Retry-After} when it
+    has one, and the request id. Logs it. Does nothing if the client has gone.
+    """
+    request_id = _request_id(request)
+    log.info(
+        "{status} {code} for {method} {path} ({request_id}): {message}",
+        status=error.status,
+        code=error.code,
+        method=request.method.decode("latin-1"),
+        path=request.path.decode("latin-1", "replace")[:200],
+        request_id=request_id.decode("ascii"),
+        message=error.message,
+    )
+    if getattr(request, "_disconnected", False) or request.finished:
+        return
+    body = error.to_json()
+    request.setResponseCode(error.status)
+    headers = request.responseHeaders
+    headers.removeHeader(b"server")
+    headers.setRawHeaders(b"content-type", [b"application/json"])
+    headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    headers.setRawHeaders(b"x-request-id", [request_id])
+    if error.retry_after is not None:
+        headers.setRawHeaders(b"retry-after", [b"%d" % error.retry_after])
+    request.write(body)
+    request.finish()
+
+
+def _wants_json(request: server.Request) -> bool:
+    content_type = request.requestHeaders.getRawHeaders(b"content-type")
+    if not content_type:
+        return True
+    media = content_type[0].split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+class ProxyResource(Resource):
+    """
+    Takes every request: C{/healthz} answers locally, C{/v1/...} is forwarded, anything else
+    is an OpenAI-shaped 404.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        *,
+        pool: Pool,
+        forwarder: Forwarder,
+        clock: IReactorTime,
+        deadlines: Deadlines,
+        limits: Limits,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._pool = pool
+        self._forwarder = forwarder
+        self._clock = clock
+        self._deadlines = deadlines
+        self._limits = limits
+
+    @override
+    def render(self, request: server.Request) -> bytes | int:
+        try:
+            return self._render(request)
+        except ProxyError as error:
+            write_error(request, error)
+        except Exception:
+            log.failure("unexpected error handling {path}", path=request.path[:200])
+            write_error(request, ProxyError("internal proxy error"))
+        return server.NOT_DONE_YET
+
+    def _render(self, request: server.Request) -> int:
+        request_id = _request_id(request)
+        if getattr(request, "body_too_large", False):
+            raise _too_large_error(self._limits.max_body_bytes)
+        path = request.path
+        if not path.startswith(b"/") or not all(c in _TARGET_OK for c in request.uri):
+            raise InvalidRequest("invalid request target")
+        method = request.method
+        if path == b"/healthz":
+            if method not in (b"GET", b"HEAD"):
+                raise MethodNotAllowed(f"{method.decode('latin-1')} is not allowed on /healthz")
+            self._write_json(request, 200, {"status": "ok"})
+            return server.NOT_DONE_YET
+        if path != b"/v1" and not path.startswith(b"/v1/"):
+            raise NotFound(
+                f"Invalid URL ({method.decode('latin-1')} {path.decode('latin-1')[:200]})"
+            )
+        for _, values in request.requestHeaders.getAllRawHeaders():
+            for value in values:
+                if not is_valid_value(value):
+                    raise InvalidRequest("invalid header value")
+        assert request.content is not None
+        request.content.seek(0)
+        body = request.content.read()
+        model, stream = None, False
+        if body and method in (b"POST", b"PUT", b"PATCH") and _wants_json(request):
+            try:
+                parsed = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                raise InvalidJSON(
+                    "We could not parse the JSON body of your request. (HINT: This likely "
+                    "means you aren't using your HTTP library correctly.)"
+                ) from None
+            if not isinstance(parsed, dict):
+                raise InvalidJSON("the JSON body must be an object")
+            if isinstance(parsed.get("model"), str):
+                model = parsed["model"]
+            stream = parsed.get("stream") is True
+        query = request.uri.partition(b"?")[2]
+        client = request.getClientAddress()
+        ctx = RequestContext(
+            request_id=request_id,
+            method=method,
+            rest=path[3:],
+            query=query,
+            headers=request.requestHeaders,
+            body=body,
+            client_ip=getattr(client, "host", "unknown"),
+            secure=request.isSecure(),
+            started=self._clock.seconds(),
+            model=model,
+            stream=stream,
+        )
+        Exchange(
+            ctx,
+            request,
+            pool=self._pool,
+            forwarder=self._forwarder,
+            clock=self._clock,
+            deadlines=self._deadlines,
+            limits=self._limits,
+            on_error=lambda error: write_error(request, error),
+        ).start()
+        return server.NOT_DONE_YET
+
+    def _write_json(self, request: server.Request, status: int, obj: object) -> None:
+        body = json.dumps(obj).encode("utf-8")
+        request.setResponseCode(status)
+        request.responseHeaders.removeHeader(b"server")
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.responseHeaders.setRawHeaders(b"x-request-id", [_request_id(request)])
+        request.write(body)
+        request.finish()

@@ -1,0 +1,132 @@
+"""
+The command line of C{twistd oaiproxy}: options to a L{ProxyConfig}, then to the service.
+
+This is an entry point: the only module besides C{proxy.tac} that touches the global reactor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from oaiproxy.config import (
+    ConfigError,
+    Deadlines,
+    Limits,
+    PoolConfig,
+    ProxyConfig,
+    UpstreamConfig,
+    parse_listen,
+    parse_upstream,
+)
+from oaiproxy.service import build_service
+
+__all__ = ["Options", "config_from_options", "makeService"]
+
+_DEMO_LISTEN = ("tcp:8080:interface=127.0.0.1", "ssl:8443:selfsigned:interface=127.0.0.1")
+
+
+def _seconds_or_none(text: str) -> float | None:
+    """A deadline from the command line: seconds, or 0/none/off to disable it."""
+    if text.lower() in ("0", "none", "off"):
+        return None
+    return float(text)
+
+
+class Options(usage.Options):
+    """Options of C{twistd oaiproxy}."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "oaiproxy: a reverse proxy for the OpenAI API and OpenAI-compatible servers. "
+        "Listens on HTTP/1.1 and TLS (HTTP/2 + HTTP/1.1 via ALPN) and forwards /v1/... to "
+        "weighted HTTP/1.1 upstreams, streaming answers with backpressure."
+    )
+    optFlags: ClassVar[list[list[str | None]]] = [
+        ["demo", None, "Run two built-in MOCK upstreams (weights 1 and 3): answers are fake."],
+    ]
+    optParameters: ClassVar[list[list[str | None]]] = [
+        ["state-dir", None, ".oaiproxy", "Where generated files (self-signed cert) are kept."],
+        ["max-body", None, str(Limits().max_body_bytes), "Request body cap in bytes (413)."],
+        ["high-water", None, str(Limits().stream_high_water),
+         "Bytes queued per downstream stream before the upstream read is paused."],
+        ["client-idle", None, str(Limits().client_idle_timeout),
+         "Seconds an idle client connection is kept open."],
+        ["attempts", None, str(Limits().max_attempts),
+         "Upstreams tried per request before giving up."],
+        ["upstream-connections", None, str(Limits().upstream_connections),
+         "Idle persistent connections kept per upstream."],
+        ["connect-timeout", None, str(Deadlines().connect),
+         "Seconds to connect to an upstream (0 disables)."],
+        ["first-byte-timeout", None, str(Deadlines().first_byte),
+         "Seconds from request to first response body byte (0 disables)."],
+        ["idle-timeout", None, str(Deadlines().idle),
+         "Seconds of silence allowed between body chunks (0 disables)."],
+        ["total-timeout", None, str(Deadlines().total),
+         "Seconds for the whole request (0 disables)."],
+    ]  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["listen"] = []
+        self["upstream"] = []
+
+    def opt_listen(self, spec: str) -> None:
+        """Listen on ENDPOINT: tcp:PORT[:interface=ADDR], ssl:PORT:privateKey=KEY[:certKey=CERT],
+        or ssl:PORT:selfsigned (generated certificate). Repeatable."""
+        self["listen"].append(spec)
+
+    def opt_upstream(self, spec: str) -> None:
+        """Forward to URL[,weight=N][,key_env=NAME][,ca=FILE][,name=LABEL], e.g.
+        http://127.0.0.1:9001/v1,weight=3. Repeatable."""
+        self["upstream"].append(spec)
+
+    def postOptions(self) -> None:
+        try:
+            self.config = config_from_options(self)
+        except (ConfigError, ValueError) as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def config_from_options(options: Any) -> ProxyConfig:
+    """
+    The L{ProxyConfig} that parsed options describe.
+
+    @raise ConfigError: on an invalid value.
+    """
+    listen = list(options["listen"]) or (list(_DEMO_LISTEN) if options["demo"] else [])
+    if not listen:
+        raise ConfigError("give at least one --listen (or --demo)")
+    upstreams: tuple[UpstreamConfig, ...] = tuple(parse_upstream(u) for u in options["upstream"])
+    if options["demo"] and upstreams:
+        raise ConfigError("--demo brings its own upstreams: drop --upstream")
+    if not options["demo"] and not upstreams:
+        raise ConfigError("give at least one --upstream (or --demo)")
+    return ProxyConfig(
+        listeners=tuple(parse_listen(spec) for spec in listen),
+        pools=(PoolConfig(upstreams=upstreams),) if upstreams else (),
+        deadlines=Deadlines(
+            connect=_seconds_or_none(options["connect-timeout"]),
+            first_byte=_seconds_or_none(options["first-byte-timeout"]),
+            idle=_seconds_or_none(options["idle-timeout"]),
+            total=_seconds_or_none(options["total-timeout"]),
+        ),
+        limits=Limits(
+            max_body_bytes=int(options["max-body"]),
+            stream_high_water=int(options["high-water"]),
+            client_idle_timeout=float(options["client-idle"]),
+            max_attempts=int(options["attempts"]),
+            upstream_connections=int(options["upstream-connections"]),
+        ),
+        demo=bool(options["demo"]),
+        state_dir=options["state-dir"],
+    )
+
+
+def makeService(options: Options) -> IService:
+    """Build the service for twistd, on the global reactor (this is an entry point)."""
+    from twisted.internet import reactor
+
+    return build_service(options.config, reactor)

@@ -1,0 +1,63 @@
+# oaiproxy, configured in plain Python. Run with:  twistd -ny proxy.tac
+#
+# This file builds the same typed ProxyConfig as `twistd oaiproxy --...` and hands it to the
+# same build_service(). Edit the values below; every knob is documented in
+# docs/configuration.md. Invalid values fail at start-up with a ConfigError saying which.
+import os
+
+from twisted.application.service import Application
+from twisted.internet import reactor
+
+from oaiproxy import (
+    Deadlines,
+    Limits,
+    ListenerConfig,
+    PoolConfig,
+    ProxyConfig,
+    UpstreamConfig,
+    build_service,
+)
+
+config = ProxyConfig(
+    listeners=(
+        # Plain HTTP/1.1 on loopback. Use interface="" (or "0.0.0.0") for all interfaces.
+        ListenerConfig("tcp", 8080, interface="127.0.0.1"),
+        # TLS with ALPN (HTTP/2 and HTTP/1.1). self_signed=True generates a certificate for
+        # localhost once (kept in state_dir, path printed at start-up); in production give
+        # private_key="/path/key.pem", cert_key="/path/fullchain.pem" instead.
+        ListenerConfig("tls", 8443, interface="127.0.0.1", self_signed=True),
+    ),
+    pools=(
+        PoolConfig(
+            upstreams=(
+                # An OpenAI-style base URL: a client's /v1/<rest> goes to <url>/<rest>.
+                # weight: share of requests (smooth weighted round robin, like nginx).
+                # key_env: the proxy sends "Authorization: Bearer $VAR" instead of the
+                #   client's header (the client never needs the real key).
+                # ca_bundle: PEM CA file to verify an https:// upstream (system store if None).
+                UpstreamConfig("http://127.0.0.1:9001/v1", weight=1),
+                UpstreamConfig("http://127.0.0.1:9002/v1", weight=3),
+                # UpstreamConfig("https://api.openai.com/v1", key_env="OPENAI_API_KEY"),
+            ),
+        ),
+    ),
+    # demo=True ignores `pools` and starts two built-in mock upstreams (answers are fake).
+    demo=os.environ.get("OAIPROXY_DEMO") == "1",
+    deadlines=Deadlines(
+        connect=5.0,  # seconds to establish a TCP/TLS connection to an upstream
+        first_byte=600.0,  # seconds until the first body byte (time to first token)
+        idle=300.0,  # longest silence between two body chunks
+        total=3600.0,  # the whole request; None disables any of these
+    ),
+    limits=Limits(
+        max_body_bytes=32 * 1024 * 1024,  # request bodies over this get 413
+        stream_high_water=256 * 1024,  # bytes queued per client stream before pausing upstream
+        client_idle_timeout=60.0,  # seconds an idle client connection stays open
+        max_attempts=3,  # upstreams tried before answering 502 (only before the first byte)
+        upstream_connections=64,  # idle keep-alive connections kept per upstream
+    ),
+    state_dir=".oaiproxy",  # generated files (the self-signed certificate)
+)
+
+application = Application("oaiproxy")
+build_service(config, reactor).setServiceParent(application)
