@@ -169,8 +169,8 @@ class Relay(Protocol):
             return
         if error is None:
             self._on_end = None
-            self._cleanup()
             self._stop_upstream()
+            self._cleanup()
             return
         self._flush()
         self._stop_upstream()
@@ -252,7 +252,8 @@ class Relay(Protocol):
         self._buffer.clear()
         if self._registered:
             self._registered = False
-            self._request.unregisterProducer()
+            if self._request.channel is not None:  # None once the client has gone
+                self._request.unregisterProducer()
 
     def _arm_idle(self) -> None:
         # The idle deadline runs between body chunks only: before the first one the exchange's

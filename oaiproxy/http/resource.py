@@ -162,10 +162,32 @@ def write_error(request: server.Request, error: ProxyError) -> None:
     request.finish()
 
 
-def _wants_json(request: server.Request) -> bool:
+#: Endpoints whose POST body is JSON whatever Content-Type the client claims (under /v1).
+JSON_ENDPOINTS = frozenset(
+    {
+        b"/chat/completions",
+        b"/completions",
+        b"/embeddings",
+        b"/responses",
+        b"/moderations",
+        b"/images/generations",
+        b"/audio/speech",
+        b"/batches",
+        b"/rerank",
+        b"/score",
+        b"/tokenize",
+        b"/detokenize",
+    }
+)
+
+
+def _is_json_body(request: server.Request, rest: bytes) -> bool:
+    """Whether the request body must be a JSON object: a JSON endpoint or a JSON media type."""
+    if rest in JSON_ENDPOINTS:
+        return True
     content_type = request.requestHeaders.getRawHeaders(b"content-type")
     if not content_type:
-        return True
+        return False
     media = content_type[0].split(b";", 1)[0].strip().lower()
     return media == b"application/json" or media.endswith(b"+json")
 
@@ -230,7 +252,8 @@ class ProxyResource(Resource):
         request.content.seek(0)
         body = request.content.read()
         model, stream = None, False
-        if body and method in (b"POST", b"PUT", b"PATCH") and _wants_json(request):
+        rest = path[3:]
+        if method in (b"POST", b"PUT", b"PATCH") and _is_json_body(request, rest):
             try:
                 parsed = json.loads(body)
             except (ValueError, UnicodeDecodeError):
@@ -248,7 +271,7 @@ class ProxyResource(Resource):
         ctx = RequestContext(
             request_id=request_id,
             method=method,
-            rest=path[3:],
+            rest=rest,
             query=query,
             headers=request.requestHeaders,
             body=body,

@@ -1,0 +1,466 @@
+# This module subclasses Twisted's unannotated (private) HTTP/2 and channel-switch classes,
+# so calling their methods is unavoidable here.
+# mypy: disallow-untyped-calls=False
+"""
+Twisted's HTTP/2 server with the gaps a streaming proxy falls into closed.
+
+Written against Twisted 26.10.0 (and h2 4.4.1). It subclasses the private
+L{twisted.web._http2.H2Connection} and L{twisted.web.http._GenericHTTPChannelProtocol} and
+overrides private methods of the first, so re-read those two classes (and re-run
+C{tests.test_h2fix}) whenever Twisted is upgraded.
+
+What changes compared with Twisted's own classes:
+
+ - B{No busy loop on a closed flow-control window.} Twisted keeps a stream with queued data
+   scheduled while its window (the smaller of the stream's and the connection's) is zero, so
+   its send loop reschedules itself with C{callLater(0)} until a WINDOW_UPDATE arrives: 100%
+   CPU. Here such a stream is blocked in the priority tree, and a WINDOW_UPDATE (stream or
+   connection level) or a larger C{SETTINGS_INITIAL_WINDOW_SIZE} unblocks it and wakes the
+   sleeping send loop, which Twisted never does.
+ - B{Bounded memory per stream.} Twisted queues up to the client's flow-control window per
+   stream, however slowly the client reads its socket; a client may advertise 2 GiB. Here a
+   stream's producer is paused once C{stream_high_water} bytes are queued for it, and resumed
+   when the queue drains below half of that (and the window is open). Queued bytes are counted
+   per stream instead of summing the queue on every write.
+ - B{No idle timeout under a waiting stream.} Twisted's idle timer only hears frames, so a
+   stream waiting on a slow upstream (a long silent generation) gets its connection cut. Here
+   the timeout is re-armed while every open stream is waiting on this server; a connection
+   whose client has stopped sending or reading is still timed out.
+ - B{Injected reactor.} Twisted's ALPN switch builds C{H2Connection()}, which takes the global
+   reactor; L{ProxySite} and L{ProxyHTTPChannelSwitch} pass theirs down.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+import h2.events
+import h2.exceptions
+import priority
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
+from twisted.web.http import HTTPChannel, Request, _GenericHTTPChannelProtocol
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.server import Site
+from typing_extensions import override
+
+__all__ = [
+    "DEFAULT_STREAM_HIGH_WATER",
+    "ProxyH2Connection",
+    "ProxyHTTPChannelSwitch",
+    "ProxySite",
+    "require_h2",
+]
+
+DEFAULT_STREAM_HIGH_WATER: Final = 256 * 1024
+"""Bytes of response data queued per HTTP/2 stream before its producer is paused."""
+
+_H2_UNAVAILABLE: Final = "HTTP/2 support unavailable: install twisted[http2] (h2, priority)"
+
+
+def require_h2() -> None:
+    """
+    Check that Twisted can serve HTTP/2.
+
+    @raise RuntimeError: if Twisted's HTTP/2 support (the C{h2} and C{priority} packages) is
+        not importable.
+    """
+    if not http.H2_ENABLED:
+        raise RuntimeError(_H2_UNAVAILABLE)
+
+
+class ProxyH2Connection(H2Connection):
+    """
+    One server-side HTTP/2 connection: Twisted's, with bounded, spin-free sending.
+
+    @ivar stream_high_water: bytes of response data queued for one stream at which that
+        stream's producer is paused; it is resumed below half of this.
+    """
+
+    _log = Logger()
+    # Set by Twisted's unannotated code; declared for the type checker.
+    _reactor: IReactorTime
+    requestFactory: Callable[..., IRequest]
+    # Twisted's class attributes say None, but the channel switch sets the Site here.
+    site: Site | None = None  # type: ignore[assignment]
+    factory: http.HTTPFactory | None = None  # type: ignore[assignment]
+
+    def __init__(
+        self, reactor: IReactorTime, stream_high_water: int = DEFAULT_STREAM_HIGH_WATER
+    ) -> None:
+        """
+        @param reactor: schedules the send loop and the idle timeout.
+        @param stream_high_water: see L{stream_high_water}; must be positive.
+        @raise ValueError: if C{stream_high_water} is not positive.
+        """
+        if stream_high_water <= 0:
+            raise ValueError(f"stream_high_water must be positive, not {stream_high_water}")
+        self.stream_high_water = stream_high_water
+        # Response bytes queued and not yet sent, per stream.
+        self._queued_bytes: dict[int, int] = {}
+        # Streams whose producer is paused for crossing the high-water mark.
+        self._above_high_water: set[int] = set()
+        # Streams whose request (headers and body) has been received in full.
+        self._request_complete: set[int] = set()
+        super().__init__(reactor)
+
+    @override
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """Schedule the idle and abort timers on the injected reactor, not the global one."""
+        return self._reactor.callLater(period, func)
+
+    # Events from the client.
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        """Handle the client's bytes; re-plan streams if it resized its stream windows."""
+        initial_window = self.conn.remote_settings.initial_window_size
+        super().dataReceived(data)
+        # A new SETTINGS_INITIAL_WINDOW_SIZE resizes every stream window without any
+        # WINDOW_UPDATE event, and Twisted ignores RemoteSettingsChanged.
+        if (
+            self._stillProducing
+            and self.conn.remote_settings.initial_window_size != initial_window
+        ):
+            self._replan_streams(list(self.streams))
+
+    @override
+    def _requestReceived(self, event: h2.events.RequestReceived) -> None:
+        super()._requestReceived(event)
+        self._queued_bytes[event.stream_id] = 0
+
+    @override
+    def _requestEnded(self, event: h2.events.StreamEnded) -> None:
+        if event.stream_id in self.streams:
+            self._request_complete.add(event.stream_id)
+        super()._requestEnded(event)
+
+    @override
+    def _handleWindowUpdate(self, event: h2.events.WindowUpdated) -> None:
+        """Unblock the streams a WINDOW_UPDATE lets send, and wake the send loop for them."""
+        if event.stream_id:
+            if event.stream_id in self.streams:
+                self._replan_streams([event.stream_id])
+        else:
+            # The connection window caps every stream's window.
+            self._replan_streams(list(self.streams))
+
+    # Response data from the streams.
+
+    @override
+    def writeDataToStream(self, streamID: int, data: bytes) -> None:
+        """Queue response data for a stream; pause its producer if the queue is full."""
+        queue = self._outboundStreamQueues.get(streamID)
+        # Nothing to send for an empty write, and nowhere to send it once the stream is gone.
+        if not data or queue is None:
+            return
+        queue.append(data)
+        self._queued_bytes[streamID] += len(data)
+        self._update_producer(streamID)
+        if self._plan_stream(streamID):
+            self._wake_sender()
+
+    @override
+    def endRequest(self, streamID: int) -> None:
+        """Queue the end of a stream's response."""
+        queue = self._outboundStreamQueues.get(streamID)
+        if queue is None:
+            return
+        queue.append(_END_STREAM_SENTINEL)
+        if self._plan_stream(streamID):
+            self._wake_sender()
+
+    @override
+    def remainingOutboundWindow(self, streamID: int) -> int:
+        """The stream's flow-control window minus its queued bytes, in O(1)."""
+        return self._window(streamID) - self._queued_bytes.get(streamID, 0)
+
+    @override
+    def _requestDone(self, streamID: int) -> None:
+        self._queued_bytes.pop(streamID, None)
+        self._above_high_water.discard(streamID)
+        self._request_complete.discard(streamID)
+        super()._requestDone(streamID)
+
+    @override
+    def _sendPrioritisedData(self, *args: object) -> None:
+        """
+        Send one frame of the highest-priority stream that can send, then go round again.
+
+        Twisted's loop, except that a stream whose window is closed is blocked instead of
+        being picked again and again, and a stream's producer is resumed as its queue drains.
+        """
+        if not self._stillProducing:
+            return
+        try:
+            stream_id: int = next(self.priority)
+        except priority.DeadlockError:
+            # Nothing can be sent: sleep until _wake_sender.
+            assert self._sendingDeferred is None
+            self._sendingDeferred = Deferred()
+            self._sendingDeferred.addCallback(self._sendPrioritisedData)
+            return
+
+        # Wait behind the transport.
+        if self._consumerBlocked is not None:
+            self._consumerBlocked.addCallback(self._sendPrioritisedData)
+            return
+
+        self.resetTimeout()
+        transport = self.transport
+        assert transport is not None
+        queue: deque[object] = self._outboundStreamQueues[stream_id]
+        chunk = queue.popleft()
+        if chunk is _END_STREAM_SENTINEL:
+            self.conn.end_stream(stream_id)
+            transport.write(self.conn.data_to_send())
+            self._requestDone(stream_id)
+        else:
+            assert isinstance(chunk, bytes)
+            size = min(self.conn.max_outbound_frame_size, self._window(stream_id))
+            if size <= 0:
+                queue.appendleft(chunk)
+            else:
+                if len(chunk) > size:
+                    queue.appendleft(chunk[size:])
+                    chunk = chunk[:size]
+                self.conn.send_data(stream_id, chunk)
+                self._queued_bytes[stream_id] -= len(chunk)
+                transport.write(self.conn.data_to_send())
+            if stream_id in self.streams:
+                self._plan_stream(stream_id)
+                self._update_producer(stream_id)
+
+        self._reactor.callLater(0, self._sendPrioritisedData)
+
+    # Idle timeout.
+
+    @override
+    def timeoutConnection(self) -> None:
+        """
+        Time the connection out, unless its open streams are all waiting on this server.
+
+        A stream waits on the client while part of its request is still to come, or while
+        response bytes are queued for it (the send loop resets the timer on every frame, so
+        queued bytes after a full idle period mean the client stopped reading).
+        """
+        if self.streams and not self._waiting_on_client():
+            self._log.debug(
+                "HTTP/2 idle timeout re-armed for {streams} open stream(s) from {client}",
+                streams=len(self.streams),
+                client=self.getPeer(),
+            )
+            self.setTimeout(self.timeOut)
+            return
+        super().timeoutConnection()
+
+    # Helpers.
+
+    def _waiting_on_client(self) -> bool:
+        """Whether any open stream is stalled on the client (see L{timeoutConnection})."""
+        for stream_id, stream in self.streams.items():
+            if self._queued_bytes.get(stream_id, 0) > 0:
+                return True
+            # A stream paused by the application is not reading the rest of its request.
+            if stream_id not in self._request_complete and stream.producing:
+                return True
+        return False
+
+    def _window(self, stream_id: int) -> int:
+        """How many bytes the client lets us send on a stream now (0 once h2 closed it)."""
+        try:
+            window: int = self.conn.local_flow_control_window(stream_id)
+        except h2.exceptions.NoSuchStreamError:
+            return 0
+        return window
+
+    def _plan_stream(self, stream_id: int) -> bool:
+        """
+        Block or unblock a stream in the priority tree by whether it can send now.
+
+        @return: whether the stream is unblocked.
+        """
+        queue = self._outboundStreamQueues[stream_id]
+        sendable = bool(queue) and (
+            queue[0] is _END_STREAM_SENTINEL or self._window(stream_id) > 0
+        )
+        if sendable:
+            self.priority.unblock(stream_id)
+        else:
+            self.priority.block(stream_id)
+        return sendable
+
+    def _replan_streams(self, stream_ids: list[int]) -> None:
+        """Re-plan streams whose window may have opened, then wake the send loop if needed."""
+        woken = False
+        for stream_id in stream_ids:
+            # A producer resumed below may have ended another stream.
+            if stream_id in self.streams:
+                woken = self._plan_stream(stream_id) or woken
+                self._update_producer(stream_id)
+        if woken:
+            self._wake_sender()
+
+    def _update_producer(self, stream_id: int) -> None:
+        """Pause or resume a stream's producer by its queued bytes and its window."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        queued = self._queued_bytes[stream_id]
+        if stream_id in self._above_high_water:
+            if queued * 2 < self.stream_high_water:
+                self._above_high_water.discard(stream_id)
+        elif queued >= self.stream_high_water:
+            self._above_high_water.add(stream_id)
+
+        if stream_id in self._above_high_water or self._window(stream_id) <= queued:
+            # Pauses the producer if it is producing.
+            stream.flowControlBlocked()
+        else:
+            # Resumes the producer if this connection paused it and the window is open.
+            stream.windowUpdated()
+
+    def _wake_sender(self) -> None:
+        """Restart the send loop if it is asleep waiting for a sendable stream."""
+        if self._sendingDeferred is not None:
+            sending, self._sendingDeferred = self._sendingDeferred, None
+            sending.callback(None)
+
+
+class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
+    """
+    Twisted's HTTP/1.1-or-HTTP/2 switch, building a L{ProxyH2Connection} on ALPN C{h2}.
+
+    Wraps an L{HTTPChannel} until the first bytes arrive, then keeps it (HTTP/1.1, or no
+    ALPN) or replaces it with a L{ProxyH2Connection} on the same transport. A connection that
+    negotiated anything else, or C{h2} without HTTP/2 support, is logged and aborted.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        channel: HTTPChannel,
+        reactor: IReactorTime,
+        stream_high_water: int = DEFAULT_STREAM_HIGH_WATER,
+    ) -> None:
+        """
+        @param channel: the HTTP/1.1 channel to start with, not yet connected.
+        @param reactor: passed to the L{ProxyH2Connection}.
+        @param stream_high_water: passed to the L{ProxyH2Connection}.
+        """
+        super().__init__(channel)
+        self._reactor = reactor
+        self._stream_high_water = stream_high_water
+        self._refused = False
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        """Pick the protocol from ALPN on the first bytes, then hand them to the channel."""
+        if self._refused:
+            return
+        if self._negotiatedProtocol is None:
+            transport = self._channel.transport
+            assert transport is not None
+            negotiated = getattr(transport, "negotiatedProtocol", None) or b"http/1.1"
+            if negotiated == b"h2" and http.H2_ENABLED:
+                self._switch_to_h2()
+            elif negotiated != b"http/1.1":
+                self._log.error(
+                    "Refusing connection from {client}: cannot serve ALPN protocol {protocol!r}",
+                    client=transport.getPeer(),
+                    protocol=negotiated,
+                )
+                self._refused = True
+                transport.loseConnection()
+                return
+            # Twisted declares it as None until a protocol is negotiated.
+            self._negotiatedProtocol = negotiated  # type: ignore[assignment]
+        self._channel.dataReceived(data)
+
+    def _switch_to_h2(self) -> None:
+        """Replace the HTTP/1.1 channel by a L{ProxyH2Connection}, as Twisted does."""
+        channel = self._channel
+        assert isinstance(channel, HTTPChannel)
+        # The H2 connection registers itself as the transport's producer instead.
+        network_producer = channel._networkProducer
+        network_producer.unregisterProducer()
+        channel.setTimeout(None)
+
+        transport = channel.transport
+        connection = ProxyH2Connection(self._reactor, self._stream_high_water)
+        connection.requestFactory = self._requestFactory
+        connection.site = self._site
+        connection.factory = self._factory
+        connection.timeOut = self._timeOut
+        # Its timers run on self._reactor (see ProxyH2Connection.callLater), the reactor
+        # whose callLater the factory gave this switch.
+        self._channel = connection
+        connection.makeConnection(transport)
+        network_producer.registerProducer(connection, True)
+
+
+class ProxySite(Site):
+    """
+    A L{Site} on an injected reactor, serving HTTP/1.1 and HTTP/2 with L{ProxyH2Connection}.
+
+    Twisted's access log is off (the proxy logs each exchange itself), so no log file is
+    opened and no log timestamp timer runs.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        resource: IResource,
+        reactor: IReactorTime,
+        *,
+        stream_high_water: int = DEFAULT_STREAM_HIGH_WATER,
+        idle_timeout: float = 60.0,
+        **kwargs: Any,
+    ) -> None:
+        """
+        @param resource: the root resource.
+        @param reactor: used for every connection's timers (and C{Site.reactor}).
+        @param stream_high_water: bytes queued per HTTP/2 stream before its producer is
+            paused; see L{ProxyH2Connection}.
+        @param idle_timeout: seconds without traffic before a connection is closed; an HTTP/2
+            connection whose streams are all waiting on this server is kept.
+        @param kwargs: passed to L{Site} (e.g. C{requestFactory}).
+        @raise ValueError: if C{stream_high_water} or C{idle_timeout} is not positive.
+        """
+        if stream_high_water <= 0:
+            raise ValueError(f"stream_high_water must be positive, not {stream_high_water}")
+        if idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be positive, not {idle_timeout}")
+        super().__init__(resource, timeout=idle_timeout, reactor=reactor, **kwargs)
+        self.stream_high_water = stream_high_water
+
+    @override
+    def buildProtocol(self, addr: IAddress | None) -> ProxyHTTPChannelSwitch:
+        """A switch over a fresh L{HTTPChannel}, set up as Twisted's L{Site} does."""
+        protocol = ProxyHTTPChannelSwitch(HTTPChannel(), self.reactor, self.stream_high_water)
+        protocol.factory = self
+        protocol.callLater = self.reactor.callLater
+        protocol.timeOut = self.timeOut
+        protocol.requestFactory = self.requestFactory
+        protocol.site = self
+        return protocol
+
+    @override
+    def log(self, request: Request | IRequest) -> None:
+        """Write no access log line: the proxy logs each exchange itself."""
+
+    @override
+    def startFactory(self) -> None:
+        """Open no access log and start no log timestamp timer."""
+
+    @override
+    def stopFactory(self) -> None:
+        """Nothing to close: see L{startFactory}."""

@@ -1,0 +1,375 @@
+"""
+The exchange and the relay, in memory: forwarding, failover, deadlines on a fake clock,
+backpressure, cancellation in every window, and upstream drops.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import ResponseFailed
+
+from oaiproxy.config import Deadlines, Limits
+from tests.support.fakes import (
+    FakeResponse,
+    make_harness,
+    parse_response,
+    post,
+    upstream_config,
+)
+
+CHAT = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+SSE = {b"content-type": [b"text/event-stream"]}
+
+
+class ForwardingTests(SynchronousTestCase):
+    """What goes upstream and what comes back."""
+
+    def test_request_translated_upstream(self) -> None:
+        """Path and query map onto the base URL; Host is the upstream's; body is relayed."""
+        h = make_harness()
+        h.send(post(b"/v1/chat/completions?x=1", CHAT, b"Connection: keep-alive, X-Hop\r\n"))
+        (sent,) = h.sent()
+        self.assertEqual(sent.method, b"POST")
+        self.assertEqual(sent.uri, b"http://a.invalid:9000/v1/chat/completions?x=1")
+        self.assertEqual(sent.headers.getRawHeaders(b"host"), [b"a.invalid:9000"])
+        self.assertEqual(sent.body, CHAT)
+        self.assertIsNone(sent.headers.getRawHeaders(b"connection"))
+        self.assertEqual(sent.headers.getRawHeaders(b"x-forwarded-for"), [b"10.0.0.7"])
+        self.assertEqual(sent.headers.getRawHeaders(b"x-forwarded-proto"), [b"http"])
+        self.assertEqual(sent.headers.getRawHeaders(b"accept-encoding"), [b"identity"])
+
+    def test_non_streamed_response_relayed_with_length(self) -> None:
+        """A JSON answer comes back byte for byte with a recomputed Content-Length."""
+        h = make_harness()
+        _, transport = h.send(post(b"/v1/embeddings", b'{"input": "x"}'))
+        response = FakeResponse(
+            200,
+            {b"content-type": [b"application/json"], b"connection": [b"close"]},
+            length=11,
+        )
+        h.sent()[0].deferred.callback(response)
+        response.deliver(b'{"ok": true')
+        response.deliver(b"}")
+        response.end()
+        status, headers, body = parse_response(transport.value())
+        self.assertEqual((status, body), (200, b'{"ok": true}'))
+        self.assertEqual(headers[b"content-length"], [b"11"])
+        self.assertNotIn(b"connection", headers)
+        self.assertNotIn(b"server", headers)
+        self.assertEqual(len(headers[b"x-request-id"][0]), 32)
+
+    def test_head_written_only_with_first_byte(self) -> None:
+        """Nothing goes downstream until the first body byte, so errors can still replace it."""
+        h = make_harness()
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        self.assertEqual(transport.value(), b"")
+        response.deliver(b"data: 1\n\n")
+        h.clock.advance(0)
+        self.assertIn(b"HTTP/1.1 200", transport.value())
+
+    def test_sse_relayed_unbuffered(self) -> None:
+        """Each SSE chunk is written in the reactor turn it arrives, with no-buffering headers."""
+        h = make_harness()
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        response.deliver(b"data: one\n\n")
+        h.clock.advance(0)
+        first = transport.value()
+        self.assertIn(b"data: one\n\n", first)
+        response.deliver(b"data: two\n\n")
+        h.clock.advance(0)
+        self.assertIn(b"data: two\n\n", transport.value()[len(first) :])
+        response.deliver(b"data: [DONE]\n\n")
+        response.end()
+        status, headers, body = parse_response(transport.value())
+        self.assertEqual(body, b"data: one\n\ndata: two\n\ndata: [DONE]\n\n")
+        self.assertEqual(headers[b"x-accel-buffering"], [b"no"])
+        self.assertNotIn(b"content-length", headers)
+
+    def test_small_reads_coalesced(self) -> None:
+        """Reads arriving within one reactor turn become one downstream chunk."""
+        h = make_harness()
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        for i in range(5):
+            response.deliver(b"data: %d\n\n" % i)
+        h.clock.advance(0)
+        body = transport.value().partition(b"\r\n\r\n")[2]
+        self.assertEqual(body.count(b"\r\n") // 2, 1, body)
+
+    def test_request_id_passed_through(self) -> None:
+        """A client's x-request-id goes upstream and comes back."""
+        h = make_harness()
+        _, transport = h.send(post(b"/v1/embeddings", b"{}", b"X-Request-Id: abc-123\r\n"))
+        self.assertEqual(h.sent()[0].headers.getRawHeaders(b"x-request-id"), [b"abc-123"])
+        response = FakeResponse(200, {}, length=0)
+        h.sent()[0].deferred.callback(response)
+        response.end()
+        _, headers, _ = parse_response(transport.value())
+        self.assertEqual(headers[b"x-request-id"], [b"abc-123"])
+
+    def test_upstream_key_injected(self) -> None:
+        """With an upstream key, the client's Authorization is replaced, never passed on."""
+        h = make_harness(
+            [upstream_config("a", key_env="K")], keys={"a": b"sk-upstream"}
+        )
+        h.send(post(b"/v1/embeddings", b"{}", b"Authorization: Bearer sk-client\r\n"))
+        self.assertEqual(
+            h.sent()[0].headers.getRawHeaders(b"authorization"), [b"Bearer sk-upstream"]
+        )
+
+
+class FailoverTests(SynchronousTestCase):
+    """Retries only while nothing was sent downstream."""
+
+    def test_refused_tries_next(self) -> None:
+        """A refused connection moves on to the next upstream."""
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        h.sent("a")[0].deferred.errback(Failure(ConnectionRefusedError()))
+        self.assertEqual(len(h.sent("b")), 1)
+        response = FakeResponse(200, {}, length=2)
+        h.sent("b")[0].deferred.callback(response)
+        response.deliver(b"{}")
+        response.end()
+        self.assertEqual(parse_response(transport.value())[0], 200)
+
+    def test_503_tries_next(self) -> None:
+        """A 503 before any byte went downstream fails over; its body is discarded."""
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        bad = FakeResponse(503, {}, length=5)
+        h.sent("a")[0].deferred.callback(bad)
+        self.assertTrue(bad.socket.stopped)
+        self.assertEqual(len(h.sent("b")), 1)
+        self.assertEqual(transport.value(), b"")
+
+    def test_last_503_passed_through(self) -> None:
+        """When no upstream is left, the last upstream answer is relayed as it is."""
+        h = make_harness([upstream_config("a")])
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        bad = FakeResponse(503, {b"retry-after": [b"7"]}, length=4)
+        h.sent("a")[0].deferred.callback(bad)
+        bad.deliver(b"nope")
+        bad.end()
+        status, headers, body = parse_response(transport.value())
+        self.assertEqual((status, body, headers[b"retry-after"]), (503, b"nope", [b"7"]))
+
+    def test_all_refused_502(self) -> None:
+        """Every upstream refused: 502 OpenAI-shaped JSON with Retry-After."""
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        h.sent("a")[0].deferred.errback(Failure(ConnectionRefusedError()))
+        h.sent("b")[0].deferred.errback(Failure(ConnectionRefusedError()))
+        status, headers, body = parse_response(transport.value())
+        self.assertEqual(status, 502)
+        self.assertEqual(headers[b"retry-after"], [b"1"])
+        error = json.loads(body)["error"]
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertEqual(error["code"], "upstream_connect_failed")
+
+    def test_attempts_bounded(self) -> None:
+        """No more upstreams are tried than max_attempts."""
+        ups = [upstream_config(n) for n in "abcd"]
+        h = make_harness(ups, limits=Limits(max_attempts=2))
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        for name in "ab":
+            h.sent(name)[0].deferred.errback(Failure(ConnectionRefusedError()))
+        self.assertEqual(len(h.sent()), 2)
+        self.assertEqual(parse_response(transport.value())[0], 502)
+
+    def test_no_retry_after_first_byte(self) -> None:
+        """An upstream dropping after bytes went downstream ends the stream; no retry."""
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent("a")[0].deferred.callback(response)
+        response.deliver(b"data: 1\n\n")
+        h.clock.advance(0)
+        response.end(Failure(ResponseFailed([Failure(ConnectionLost())])))
+        self.assertEqual(h.sent("b"), [])
+        status, _, body = parse_response(transport.value())
+        self.assertEqual(status, 200)
+        events = body.split(b"\n\n")
+        self.assertEqual(events[0], b"data: 1")
+        error = json.loads(events[1].removeprefix(b"data: "))["error"]
+        self.assertEqual(error["code"], "upstream_disconnected")
+        self.assertNotIn(b"[DONE]", body)
+        self.assertTrue(transport.value().endswith(b"0\r\n\r\n"), "clean end of stream")
+
+    def test_non_sse_drop_aborts_client(self) -> None:
+        """A non-streamed body cut short is cut short for the client too (connection aborted)."""
+        h = make_harness()
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        response = FakeResponse(200, {}, length=100)
+        h.sent()[0].deferred.callback(response)
+        response.deliver(b"x" * 10)
+        h.clock.advance(0)
+        response.end(Failure(ResponseFailed([Failure(ConnectionLost())])))
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+
+
+class DeadlineTests(SynchronousTestCase):
+    """Connect is covered by DeadlineEndpoint; first byte, idle and total here."""
+
+    def test_first_byte_before_headers_504(self) -> None:
+        """No response headers within first_byte: 504 and the upstream request is cancelled."""
+        h = make_harness(deadlines=Deadlines(first_byte=5.0))
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        h.clock.advance(4.9)
+        self.assertEqual(transport.value(), b"")
+        h.clock.advance(0.2)
+        self.assertTrue(h.sent()[0].cancelled)
+        status, _, body = parse_response(transport.value())
+        self.assertEqual(status, 504)
+        self.assertEqual(json.loads(body)["error"]["code"], "upstream_timeout")
+
+    def test_first_byte_after_headers_504(self) -> None:
+        """Headers but no first token within first_byte: still a clean 504."""
+        h = make_harness(deadlines=Deadlines(first_byte=5.0))
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        h.clock.advance(5.1)
+        self.assertTrue(response.socket.stopped)
+        self.assertEqual(parse_response(transport.value())[0], 504)
+
+    def test_first_byte_met(self) -> None:
+        """A first byte in time disarms the first-byte deadline."""
+        h = make_harness(deadlines=Deadlines(first_byte=5.0, idle=None))
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        response.deliver(b"data: 1\n\n")
+        h.clock.advance(100)
+        self.assertFalse(response.socket.stopped)
+
+    def test_idle_gap_ends_stream(self) -> None:
+        """A silent gap past idle mid-stream ends it with an SSE error and stops the upstream."""
+        h = make_harness(deadlines=Deadlines(idle=3.0))
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        response.deliver(b"data: 1\n\n")
+        h.clock.advance(2.9)
+        response.deliver(b"data: 2\n\n")
+        h.clock.advance(2.9)
+        self.assertFalse(response.socket.stopped)
+        h.clock.advance(0.2)
+        self.assertTrue(response.socket.stopped)
+        _, _, body = parse_response(transport.value())
+        self.assertIn(b'"code":"upstream_timeout"', body)
+        self.assertTrue(body.startswith(b"data: 1\n\ndata: 2\n\n"))
+
+    def test_idle_paused_by_client_not_counted(self) -> None:
+        """While the client holds the stream paused, the idle deadline does not run."""
+        h = make_harness(deadlines=Deadlines(idle=3.0))
+        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        response.deliver(b"data: 1\n\n")
+        h.clock.advance(0)
+        transport.producer.pauseProducing()
+        h.clock.advance(10)
+        self.assertEqual(response.socket.state, "paused")
+        transport.producer.resumeProducing()
+        self.assertEqual(response.socket.state, "producing")
+
+    def test_total_deadline(self) -> None:
+        """The total deadline ends a stream that keeps trickling."""
+        h = make_harness(deadlines=Deadlines(total=10.0, idle=None))
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        for _ in range(9):
+            response.deliver(b"data: x\n\n")
+            h.clock.advance(1)
+        self.assertFalse(response.socket.stopped)
+        h.clock.advance(1.1)
+        self.assertTrue(response.socket.stopped)
+        self.assertIn(b'"code":"upstream_timeout"', transport.value())
+
+
+class BackpressureTests(SynchronousTestCase):
+    """A slow client pauses the upstream read."""
+
+    def test_pause_and_resume_reach_upstream(self) -> None:
+        """Downstream pause/resume are relayed to the upstream body transport."""
+        h = make_harness()
+        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        response.deliver(b"data: 1\n\n")
+        h.clock.advance(0)
+        transport.producer.pauseProducing()  # what the TCP transport does when its buffer fills
+        self.assertEqual(response.socket.state, "paused")
+        transport.producer.resumeProducing()
+        self.assertEqual(response.socket.state, "producing")
+
+    def test_producer_registered_before_first_write(self) -> None:
+        """The relay is the request's producer as soon as the body starts, before any write."""
+        h = make_harness()
+        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        self.assertIs(proto._channel._requestProducer, response.protocol)
+
+    def test_producer_unregistered_at_end(self) -> None:
+        """After the response ends the relay is no longer the request's producer."""
+        h = make_harness()
+        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        response.end()
+        self.assertIsNone(proto._channel._requestProducer)
+
+
+class CancellationTests(SynchronousTestCase):
+    """A client going away cancels the upstream request in every window."""
+
+    def test_gone_while_connecting_or_waiting_headers(self) -> None:
+        """Before headers: the Agent's Deferred is cancelled."""
+        h = make_harness()
+        proto, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(h.sent()[0].cancelled)
+
+    def test_gone_after_headers_before_body(self) -> None:
+        """After headers: the body transport is stopped."""
+        h = make_harness()
+        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(response.socket.stopped)
+
+    def test_gone_mid_stream(self) -> None:
+        """Mid-stream: the body transport is stopped and nothing more is written."""
+        h = make_harness()
+        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        response.deliver(b"data: 1\n\n")
+        h.clock.advance(0)
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(response.socket.stopped)
+        response.deliver(b"data: 2\n\n")
+        response.end(Failure(ResponseFailed([Failure(ConnectionLost())])))
+        h.clock.advance(0)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_gone_cancels_timers(self) -> None:
+        """No deadline timer outlives a cancelled exchange."""
+        h = make_harness()
+        proto, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        proto.connectionLost(Failure(ConnectionLost()))
+        pending = [c for c in h.clock.getDelayedCalls() if c.active()]
+        self.assertEqual([c for c in pending if "Exchange" in repr(c.func)], [])
