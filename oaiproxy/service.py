@@ -22,7 +22,6 @@ from oaiproxy.config import ConfigError, PoolConfig, ProxyConfig, UpstreamConfig
 from oaiproxy.http.forwarder import Forwarder, build_agents
 from oaiproxy.http.h2fix import ProxySite, require_h2
 from oaiproxy.http.resource import ProxyResource, request_factory
-from oaiproxy.mock import MockConfig, build_mock_site
 from oaiproxy.tls import listener_endpoint
 
 __all__ = ["build_service", "build_site"]
@@ -121,6 +120,9 @@ def build_site(
 
 def _start_demo_mocks(reactor: Any) -> tuple[PoolConfig, list[IListeningPort]]:
     """Two mock upstreams on loopback ports chosen by the OS, weights 1 and 3."""
+    # Imported here: only the demo needs the mock, and `python -m oaiproxy.mock` must not
+    # find it already imported through the package.
+    from oaiproxy.mock import MockConfig, build_mock_site  # noqa: PLC0415
     ports: list[IListeningPort] = []
     upstreams = []
     for name, weight in (("mock-a", 1), ("mock-b", 3)):

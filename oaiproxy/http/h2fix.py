@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import h2.events
 import h2.exceptions
@@ -218,11 +218,18 @@ class ProxyH2Connection(H2Connection):
         queue: deque[object] = self._outboundStreamQueues[stream_id]
         chunk = queue.popleft()
         if chunk is _END_STREAM_SENTINEL:
-            self.conn.end_stream(stream_id)
-            transport.write(self.conn.data_to_send())
-            self._requestDone(stream_id)
+            try:
+                self.conn.end_stream(stream_id)
+            except h2.exceptions.StreamClosedError:
+                # The client reset the stream in the bytes being processed now: its
+                # StreamReset event, still to come, cleans the stream up. (Twisted lets this
+                # error kill the send loop.)
+                self.priority.block(stream_id)
+            else:
+                transport.write(self.conn.data_to_send())
+                self._requestDone(stream_id)
         else:
-            assert isinstance(chunk, bytes)
+            chunk = cast(bytes, chunk)
             size = min(self.conn.max_outbound_frame_size, self._window(stream_id))
             if size <= 0:
                 queue.appendleft(chunk)
@@ -339,7 +346,7 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
 
     Wraps an L{HTTPChannel} until the first bytes arrive, then keeps it (HTTP/1.1, or no
     ALPN) or replaces it with a L{ProxyH2Connection} on the same transport. A connection that
-    negotiated anything else, or C{h2} without HTTP/2 support, is logged and aborted.
+    negotiated anything else, or C{h2} without HTTP/2 support, is logged and closed.
     """
 
     _log = Logger()

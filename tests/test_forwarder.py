@@ -1,0 +1,113 @@
+"""The upstream client: connect deadline, failure mapping, agents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import ParseError, ResponseNeverReceived
+from zope.interface import implementer
+
+from oaiproxy.balancing.pool import Upstream
+from oaiproxy.config import UpstreamConfig
+from oaiproxy.errors import (
+    UpstreamConnectFailed,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamProtocolError,
+)
+from oaiproxy.http.forwarder import DeadlineEndpoint, build_agents, map_failure
+
+
+@implementer(IStreamClientEndpoint)
+class HangingEndpoint:
+    """An endpoint whose connection attempt never completes until cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.attempt: Deferred[IProtocol] | None = None
+
+    def connect(self, protocolFactory: Any) -> Deferred[IProtocol]:
+        def cancel(d: Deferred[IProtocol]) -> None:
+            self.cancelled = True
+
+        self.attempt = Deferred(cancel)
+        return self.attempt
+
+
+class DeadlineEndpointTests(SynchronousTestCase):
+    """The connect deadline, on a fake clock."""
+
+    def test_expires(self) -> None:
+        """No connection within the deadline: the attempt is cancelled and maps to 504-retryable."""
+        clock = MemoryReactorClock()
+        inner = HangingEndpoint()
+        d = DeadlineEndpoint(inner, 2.0, clock).connect(Factory())
+        clock.advance(1.9)
+        self.assertNoResult(d)
+        clock.advance(0.2)
+        self.assertTrue(inner.cancelled)
+        error = map_failure(self.failureResultOf(d))
+        self.assertIsInstance(error, UpstreamConnectTimeout)
+        self.assertTrue(error.retryable)
+
+    def test_connects_in_time(self) -> None:
+        """A connection in time passes through and disarms the deadline."""
+        clock = MemoryReactorClock()
+        inner = HangingEndpoint()
+        d = DeadlineEndpoint(inner, 2.0, clock).connect(Factory())
+        proto: Any = object()
+        assert inner.attempt is not None
+        inner.attempt.callback(proto)
+        self.assertIs(self.successResultOf(d), proto)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class MapFailureTests(SynchronousTestCase):
+    """Client failures onto the error tree."""
+
+    def test_refused_retryable(self) -> None:
+        """A refused connection is a retryable connect failure."""
+        error = map_failure(Failure(ierror.ConnectionRefusedError()))
+        self.assertIsInstance(error, UpstreamConnectFailed)
+        self.assertTrue(error.retryable)
+
+    def test_never_received_retryable(self) -> None:
+        """A response never received (stale pooled connection) is retryable."""
+        error = map_failure(Failure(ResponseNeverReceived([Failure(ierror.ConnectionDone())])))
+        self.assertIsInstance(error, UpstreamConnectFailed)
+
+    def test_garbage_is_protocol_error(self) -> None:
+        """An unparsable response is a 502 protocol error."""
+        error = map_failure(Failure(ResponseNeverReceived([Failure(ParseError("x", b"y"))])))
+        self.assertIsInstance(error, UpstreamProtocolError)
+        self.assertEqual(error.status, 502)
+
+    def test_other(self) -> None:
+        """Anything else is a plain 502 upstream error, not retried."""
+        error = map_failure(Failure(CancelledError()))
+        self.assertEqual((type(error), error.retryable), (UpstreamError, False))
+
+
+class BuildAgentsTests(SynchronousTestCase):
+    """One agent per upstream, over one pool."""
+
+    def test_agents_connect_to_their_upstream(self) -> None:
+        """Each agent connects to its own upstream's address."""
+        reactor = MemoryReactorClock()
+        ups = [
+            Upstream(UpstreamConfig("http://127.0.0.1:9001/v1", name="a")),
+            Upstream(UpstreamConfig("http://127.0.0.1:9002/v1", name="b")),
+        ]
+        agents = build_agents(
+            reactor, ups, connect_timeout=1.0, idle_connections=4, keepalive=4.0
+        )
+        self.assertEqual(set(agents), {"a", "b"})
+        agents["b"].request(b"GET", b"http://127.0.0.1:9002/v1/models")
+        self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("127.0.0.1", 9002)])

@@ -1,0 +1,622 @@
+"""
+Tests for L{oaiproxy.http.h2fix}: Twisted's HTTP/2 server without its busy loop on a closed
+window, its unbounded per-stream queue and its idle timeout under waiting streams.
+
+The server protocols run on a L{MemoryReactorClock} and a L{StringTransport}; an C{h2} client
+connection feeds them bytes and parses what they write.
+"""
+
+# trial's assertions, StringTransport and twisted.web are unannotated.
+# mypy: disallow-untyped-calls=False
+
+from __future__ import annotations
+
+from collections import defaultdict
+from io import StringIO
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+from twisted.internet.address import IPv4Address
+from twisted.internet.base import DelayedCall
+from twisted.internet.interfaces import IProtocol, IProtocolNegotiationFactory, IPushProducer
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from oaiproxy.http.h2fix import (
+    DEFAULT_STREAM_HIGH_WATER,
+    ProxyH2Connection,
+    ProxyHTTPChannelSwitch,
+    ProxySite,
+    require_h2,
+)
+
+_INITIAL_WINDOW_SIZE = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
+_MAX_WINDOW = 2**31 - 1
+_DEFAULT_WINDOW = 65535
+_TIMEOUT = 60
+_CLIENT = IPv4Address("TCP", "192.0.2.7", 40000)
+_REQUEST_HEADERS = [
+    (b":method", b"GET"),
+    (b":path", b"/"),
+    (b":scheme", b"https"),
+    (b":authority", b"proxy.test"),
+]
+
+
+class _HeldResource(Resource):
+    """The app: holds every request open for the test to answer."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+        # Answer at once with an empty body instead.
+        self.answer_empty = False
+
+    def render(self, request: Request) -> int | bytes:
+        self.requests.append(request)
+        if self.answer_empty:
+            return b""
+        return NOT_DONE_YET
+
+
+class _HelloResource(Resource):
+    """The app: answers every GET with a short text body."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        return b"hello over " + request.clientproto
+
+
+@implementer(IPushProducer)
+class _ChunkWriter:
+    """A response body producer: writes C{total} bytes in C{chunk}-byte writes while allowed."""
+
+    def __init__(self, request: Request, total: int, chunk: int = 1000) -> None:
+        self.request = request
+        self.total = total
+        self.chunk = chunk
+        self.written = 0
+        self.paused = False
+        self.pauses = 0
+        self.resumes = 0
+        self.stopped = False
+        self.finished = False
+
+    def start(self) -> None:
+        """Register with the request and write until paused or done."""
+        self.request.registerProducer(self, True)
+        self._produce()
+
+    def _produce(self) -> None:
+        while not self.paused and self.written < self.total:
+            size = min(self.chunk, self.total - self.written)
+            self.written += size
+            self.request.write(b"x" * size)
+        if self.written >= self.total and not self.finished:
+            self.finished = True
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def pauseProducing(self) -> None:
+        self.pauses += 1
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.resumes += 1
+        self.paused = False
+        self._produce()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self.paused = True
+
+
+class _ALPNTransport(StringTransport):
+    """A transport that reports the protocol TLS negotiated with ALPN, if any."""
+
+    def __init__(self, negotiated: bytes | None) -> None:
+        super().__init__(peerAddress=_CLIENT)
+        self.negotiatedProtocol = negotiated
+
+
+class _Client:
+    """An C{h2} client connection wired by hand to a server protocol and its transport."""
+
+    def __init__(self, server: IProtocol, transport: StringTransport) -> None:
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config=config)
+        self._server = server
+        self._transport = transport
+        self.headers: dict[int, dict[bytes, bytes]] = {}
+        self.body: defaultdict[int, bytes] = defaultdict(bytes)
+        self.ended: set[int] = set()
+        self.terminated: list[h2.events.ConnectionTerminated] = []
+
+    def connect(self, settings: dict[int, int] | None = None, connection_window: int = 0) -> None:
+        """Send the preface, our settings and optionally a connection WINDOW_UPDATE."""
+        self.h2.initiate_connection()
+        if settings:
+            self.h2.update_settings(settings)
+        if connection_window:
+            self.h2.increment_flow_control_window(connection_window)
+        self.send()
+
+    def send(self) -> None:
+        """Deliver what the client has to send to the server."""
+        data = self.h2.data_to_send()
+        if data:
+            self._server.dataReceived(data)
+
+    def request(self, method: bytes = b"GET", *, end_stream: bool = True) -> int:
+        """Send a request's headers on a new stream; return its id."""
+        stream_id: int = self.h2.get_next_available_stream_id()
+        headers = [(b":method", method), *_REQUEST_HEADERS[1:]]
+        self.h2.send_headers(stream_id, headers, end_stream=end_stream)
+        self.send()
+        return stream_id
+
+    def open_window(self, increment: int, stream_id: int | None = None) -> None:
+        """Send a WINDOW_UPDATE for a stream, or for the connection."""
+        self.h2.increment_flow_control_window(increment, stream_id=stream_id)
+        self.send()
+
+    def receive(self) -> None:
+        """Parse what the server wrote since the last call, and answer (SETTINGS ACK)."""
+        data = self._transport.value()
+        self._transport.clear()
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                self.headers[event.stream_id] = dict(event.headers)
+            elif isinstance(event, h2.events.DataReceived):
+                self.body[event.stream_id] += event.data
+            elif isinstance(event, h2.events.StreamEnded):
+                self.ended.add(event.stream_id)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.terminated.append(event)
+        self.send()
+
+
+def _h2_server(
+    clock: MemoryReactorClock,
+    site: ProxySite,
+    high_water: int = DEFAULT_STREAM_HIGH_WATER,
+) -> tuple[ProxyH2Connection, StringTransport]:
+    """A connected L{ProxyH2Connection}, set up as the channel switch does."""
+    connection = ProxyH2Connection(clock, stream_high_water=high_water)
+    connection.requestFactory = site.requestFactory
+    connection.site = site
+    connection.factory = site
+    connection.timeOut = _TIMEOUT
+    transport = StringTransport(peerAddress=_CLIENT)
+    connection.makeConnection(transport)
+    # A TCP transport has its protocol as producer (the channel switch registers it).
+    transport.registerProducer(connection, True)
+    return connection, transport
+
+
+class _H2TestCase(SynchronousTestCase):
+    """Shared set-up: a clock, a held app and a site; helpers to run the reactor's turns."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.app = _HeldResource()
+        self.site = ProxySite(self.app, self.clock, idle_timeout=_TIMEOUT)
+
+    def due_calls(self) -> list[DelayedCall]:
+        """The delayed calls due now (a callLater(0) loop leaves one here forever)."""
+        now = self.clock.seconds()
+        return [call for call in self.clock.calls if call.getTime() <= now]
+
+    def settle(self, limit: int = 1000) -> None:
+        """
+        Run due calls until none is left, failing if they keep coming back.
+
+        C{Clock.advance(0)} would loop forever on a busy send loop, so run one call at a time.
+        """
+        for _ in range(limit):
+            due = self.due_calls()
+            if not due:
+                return
+            call = due[0]
+            func, args, kw = call.func, call.args, call.kw
+            call.cancel()
+            func(*args, **kw)
+        self.fail(f"still scheduling zero-delay calls after {limit} turns: busy loop")
+
+    def serve(
+        self,
+        settings: dict[int, int] | None = None,
+        connection_window: int = 0,
+        high_water: int = DEFAULT_STREAM_HIGH_WATER,
+    ) -> tuple[ProxyH2Connection, StringTransport, _Client]:
+        """A server connection and a client that has sent its preface and settings."""
+        connection, transport = _h2_server(self.clock, self.site, high_water)
+        client = _Client(connection, transport)
+        client.connect(settings, connection_window)
+        self.settle()
+        client.receive()
+        return connection, transport, client
+
+
+class ZeroWindowTests(_H2TestCase):
+    """A closed flow-control window blocks the stream instead of spinning the send loop."""
+
+    def test_stream_window_exhausted_sleeps_until_window_update(self) -> None:
+        """No zero-delay call is left once the stream window is used up; WINDOW_UPDATE resumes."""
+        _, _, client = self.serve({_INITIAL_WINDOW_SIZE: 1000})
+        stream_id = client.request()
+        [request] = self.app.requests
+
+        request.write(b"a" * 5000)
+        self.settle()
+        client.receive()
+        self.assertEqual(len(client.body[stream_id]), 1000)
+        self.assertEqual(self.due_calls(), [])
+
+        # Data written while the window is closed does not wake the loop either.
+        request.write(b"b" * 1000)
+        request.finish()
+        self.settle()
+        client.receive()
+        self.assertEqual(len(client.body[stream_id]), 1000)
+        self.assertNotIn(stream_id, client.ended)
+
+        client.open_window(5000, stream_id=stream_id)
+        self.settle()
+        client.receive()
+        self.assertEqual(client.body[stream_id], b"a" * 5000 + b"b" * 1000)
+        self.assertIn(stream_id, client.ended)
+
+    def test_connection_window_exhausted_sleeps_until_connection_window_update(self) -> None:
+        """With the connection window at zero the loop sleeps; a WINDOW_UPDATE on 0 wakes it."""
+        _, _, client = self.serve({_INITIAL_WINDOW_SIZE: 1_000_000})
+        stream_id = client.request()
+        [request] = self.app.requests
+
+        request.write(b"a" * 70_000)
+        request.finish()
+        self.settle()
+        client.receive()
+        self.assertEqual(len(client.body[stream_id]), _DEFAULT_WINDOW)
+        self.assertEqual(self.due_calls(), [])
+
+        client.open_window(10_000)
+        self.settle()
+        client.receive()
+        self.assertEqual(client.body[stream_id], b"a" * 70_000)
+        self.assertIn(stream_id, client.ended)
+
+    def test_larger_initial_window_setting_wakes_blocked_stream(self) -> None:
+        """A SETTINGS frame raising the initial window (no WINDOW_UPDATE) restarts the stream."""
+        _, _, client = self.serve({_INITIAL_WINDOW_SIZE: 1000})
+        stream_id = client.request()
+        [request] = self.app.requests
+        request.write(b"a" * 3000)
+        request.finish()
+        self.settle()
+        client.receive()
+        self.assertEqual(len(client.body[stream_id]), 1000)
+
+        client.h2.update_settings({_INITIAL_WINDOW_SIZE: 10_000})
+        client.send()
+        self.settle()
+        client.receive()
+        self.assertEqual(client.body[stream_id], b"a" * 3000)
+        self.assertIn(stream_id, client.ended)
+
+    def test_reset_of_blocked_stream_leaves_other_streams_working(self) -> None:
+        """A client reset of a window-blocked stream frees it; a later stream completes."""
+        _, _, client = self.serve({_INITIAL_WINDOW_SIZE: 1000})
+        first = client.request()
+        self.app.requests[0].write(b"a" * 3000)
+        self.settle()
+        client.h2.reset_stream(first)
+        client.send()
+        self.settle()
+
+        second = client.request()
+        self.app.requests[1].write(b"b" * 500)
+        self.app.requests[1].finish()
+        self.settle()
+        client.receive()
+        self.assertEqual(client.body[second], b"b" * 500)
+        self.assertIn(second, client.ended)
+        self.assertEqual(self.due_calls(), [])
+
+    def test_client_reset_racing_an_ended_response_keeps_sending(self) -> None:
+        """A reset arriving with the request, answered at once with no body, stops nothing."""
+        _, _, client = self.serve()
+        first = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(first, _REQUEST_HEADERS, end_stream=True)
+        client.h2.reset_stream(first)
+        self.app.answer_empty = True
+        client.send()
+        self.settle()
+
+        self.app.answer_empty = False
+        second = client.request()
+        self.app.requests[-1].write(b"still here")
+        self.app.requests[-1].finish()
+        self.settle()
+        client.receive()
+        self.assertNotIn(first, client.headers)
+        self.assertEqual(client.body[second], b"still here")
+        self.assertIn(second, client.ended)
+
+
+class HighWaterTests(_H2TestCase):
+    """Queued response bytes per stream stay under the high-water mark whatever the window."""
+
+    high_water = 16_384
+
+    def huge_window_client(
+        self, stream_window: int = _MAX_WINDOW
+    ) -> tuple[ProxyH2Connection, StringTransport, _Client]:
+        """A client advertising a huge window for each stream, and 2**31-1 for the connection."""
+        return self.serve(
+            {_INITIAL_WINDOW_SIZE: stream_window},
+            connection_window=_MAX_WINDOW - _DEFAULT_WINDOW,
+            high_water=self.high_water,
+        )
+
+    def test_slow_reader_pauses_producer_at_high_water(self) -> None:
+        """With the socket full, the producer is paused at the mark and resumed once drained."""
+        connection, _, client = self.huge_window_client()
+        # As a TCP transport does when its send buffer fills.
+        connection.pauseProducing()
+        stream_id = client.request()
+        writer = _ChunkWriter(self.app.requests[0], total=100_000)
+        self.assertTrue(verifyObject(IPushProducer, writer))
+        writer.start()
+
+        self.assertEqual(writer.pauses, 1)
+        self.assertGreaterEqual(writer.written, self.high_water)
+        # Nothing left while the transport was paused: everything written is queued.
+        self.assertLessEqual(writer.written, self.high_water + writer.chunk)
+        self.settle()
+        self.assertEqual(writer.resumes, 0)
+
+        connection.resumeProducing()
+        self.settle()
+        client.receive()
+        self.assertGreaterEqual(writer.resumes, 1)
+        self.assertEqual(client.body[stream_id], b"x" * 100_000)
+        self.assertIn(stream_id, client.ended)
+
+    def test_window_update_does_not_resume_producer_above_high_water(self) -> None:
+        """A WINDOW_UPDATE leaves a producer paused for a full queue paused."""
+        # Room left for the client to open the stream window further.
+        connection, _, client = self.huge_window_client(stream_window=2**30)
+        connection.pauseProducing()
+        stream_id = client.request()
+        writer = _ChunkWriter(self.app.requests[0], total=100_000)
+        writer.start()
+        self.assertTrue(writer.paused)
+
+        client.open_window(1000, stream_id=stream_id)
+        self.settle()
+        self.assertEqual((writer.paused, writer.resumes), (True, 0))
+
+    def test_closed_window_still_pauses_and_window_update_resumes(self) -> None:
+        """Below the mark, Twisted's window rule holds: pause when full, resume on update."""
+        _, _, client = self.serve({_INITIAL_WINDOW_SIZE: 1000}, high_water=self.high_water)
+        stream_id = client.request()
+        writer = _ChunkWriter(self.app.requests[0], total=3000)
+        writer.start()
+        self.assertEqual((writer.written, writer.pauses), (1000, 1))
+        self.settle()
+
+        client.open_window(2000, stream_id=stream_id)
+        self.settle()
+        client.receive()
+        self.assertGreaterEqual(writer.resumes, 1)
+        self.assertEqual(client.body[stream_id], b"x" * 3000)
+        self.assertIn(stream_id, client.ended)
+
+    def test_remaining_outbound_window_counts_queued_bytes(self) -> None:
+        """remainingOutboundWindow is the window minus the bytes queued, sent or not."""
+        connection, _, client = self.serve()
+        connection.pauseProducing()
+        stream_id = client.request()
+        window = connection.conn.local_flow_control_window(stream_id)
+        request = self.app.requests[0]
+        request.write(b"a" * 2000)
+        request.write(b"b" * 1000)
+        self.assertEqual(connection.remainingOutboundWindow(stream_id), window - 3000)
+
+        connection.resumeProducing()
+        self.settle()
+        self.assertEqual(connection.conn.local_flow_control_window(stream_id), window - 3000)
+        self.assertEqual(connection.remainingOutboundWindow(stream_id), window - 3000)
+
+    def test_high_water_must_be_positive(self) -> None:
+        """A zero high-water mark is refused."""
+        self.assertRaises(ValueError, ProxyH2Connection, self.clock, 0)
+
+
+class IdleTimeoutTests(_H2TestCase):
+    """The idle timeout spares streams waiting on the app, not idle or stalled clients."""
+
+    def goaway_codes(self, client: _Client) -> list[int | None]:
+        """The error codes of the GOAWAY frames the client got so far."""
+        client.receive()
+        return [event.error_code for event in client.terminated]
+
+    def test_stream_waiting_on_app_outlives_idle_timeout(self) -> None:
+        """A stream whose response has not started keeps the connection past the timeout."""
+        _, transport, client = self.serve()
+        stream_id = client.request()
+        self.clock.advance(_TIMEOUT + 1)
+        self.clock.advance(_TIMEOUT + 1)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.goaway_codes(client), [])
+
+        request = self.app.requests[0]
+        request.write(b"late answer")
+        request.finish()
+        self.settle()
+        client.receive()
+        self.assertEqual(client.body[stream_id], b"late answer")
+        self.assertIn(stream_id, client.ended)
+
+        # With no stream left, the connection is idle and timed out.
+        self.clock.advance(_TIMEOUT + 1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.goaway_codes(client), [h2.errors.ErrorCodes.NO_ERROR])
+
+    def test_connection_without_streams_times_out(self) -> None:
+        """A connection with no stream gets GOAWAY and is closed after the timeout."""
+        _, transport, client = self.serve()
+        self.clock.advance(_TIMEOUT - 1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.goaway_codes(client), [h2.errors.ErrorCodes.NO_ERROR])
+
+    def test_client_not_reading_times_out(self) -> None:
+        """A stream with bytes the client will not accept does not keep the connection."""
+        _, transport, client = self.serve({_INITIAL_WINDOW_SIZE: 1000})
+        client.request()
+        self.app.requests[0].write(b"a" * 5000)
+        self.settle()
+        self.clock.advance(_TIMEOUT + 1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.goaway_codes(client), [h2.errors.ErrorCodes.PROTOCOL_ERROR])
+
+    def test_client_not_sending_request_body_times_out(self) -> None:
+        """A request whose body stopped coming does not keep the connection."""
+        _, transport, client = self.serve()
+        client.request(b"POST", end_stream=False)
+        self.clock.advance(_TIMEOUT + 1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.goaway_codes(client), [h2.errors.ErrorCodes.PROTOCOL_ERROR])
+
+
+class SwitchAndSiteTests(SynchronousTestCase):
+    """ProxySite builds the ALPN switch, which picks ProxyH2Connection for h2 only."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.site = ProxySite(
+            _HelloResource(), self.clock, stream_high_water=32_768, idle_timeout=30.0
+        )
+
+    def connect(self, negotiated: bytes | None) -> tuple[ProxyHTTPChannelSwitch, _ALPNTransport]:
+        protocol = self.site.buildProtocol(_CLIENT)
+        transport = _ALPNTransport(negotiated)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_h2_request_response(self) -> None:
+        """Over ALPN h2 a GET gets its status, headers, body and end of stream."""
+        protocol, transport = self.connect(b"h2")
+        client = _Client(protocol, transport)
+        client.connect()
+        stream_id = client.request()
+        self.clock.advance(0)
+        client.receive()
+        self.assertEqual(client.headers[stream_id][b":status"], b"200")
+        self.assertEqual(client.headers[stream_id][b"content-type"], b"text/plain")
+        self.assertEqual(client.body[stream_id], b"hello over HTTP/2")
+        self.assertIn(stream_id, client.ended)
+
+    def test_h2_builds_proxy_connection_with_injected_settings(self) -> None:
+        """ALPN h2 swaps in a ProxyH2Connection on the site's reactor, mark and timeout."""
+        protocol, transport = self.connect(b"h2")
+        _Client(protocol, transport).connect()
+        # Twisted's switch keeps the active channel in _channel.
+        connection = protocol._channel
+        self.assertIsInstance(connection, ProxyH2Connection)
+        assert isinstance(connection, ProxyH2Connection)
+        self.assertIs(connection._reactor, self.clock)
+        self.assertEqual(connection.stream_high_water, 32_768)
+        self.assertEqual(connection.timeOut, 30.0)
+        self.assertIs(connection.site, self.site)
+        self.assertIs(connection.requestFactory, self.site.requestFactory)
+        self.assertIs(transport.producer, connection)
+        self.assertTrue(verifyObject(IProtocol, connection))
+        self.assertTrue(verifyObject(IPushProducer, connection))
+
+    def test_http11_stays_on_http_channel(self) -> None:
+        """Without ALPN, or with http/1.1, the plain HTTPChannel serves HTTP/1.1."""
+        for negotiated in (None, b"http/1.1"):
+            protocol, transport = self.connect(negotiated)
+            protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+            self.assertIsInstance(protocol._channel, http.HTTPChannel)
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+            self.assertTrue(transport.value().endswith(b"hello over HTTP/1.1"))
+
+    def test_h2_without_support_is_refused(self) -> None:
+        """ALPN h2 without HTTP/2 support closes the connection and logs why, no traceback."""
+        self.patch(http, "H2_ENABLED", False)
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        protocol, transport = self.connect(b"h2")
+        protocol.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        protocol.dataReceived(b"more")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.assertIsInstance(protocol._channel, http.HTTPChannel)
+        [event] = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(event["protocol"], b"h2")
+
+    def test_require_h2(self) -> None:
+        """require_h2 passes with HTTP/2 support and raises a clear RuntimeError without."""
+        require_h2()
+        self.patch(http, "H2_ENABLED", False)
+        error = self.assertRaises(RuntimeError, require_h2)
+        self.assertIn("install twisted[http2]", str(error))
+
+    def test_site_settings(self) -> None:
+        """The site is quiet, on the injected reactor, and configures each protocol like Site."""
+        self.assertFalse(self.site.noisy)
+        self.assertIs(self.site.reactor, self.clock)
+        self.assertEqual(self.site.timeOut, 30.0)
+        self.assertTrue(verifyObject(IProtocolNegotiationFactory, self.site))
+        self.assertEqual(self.site.acceptableProtocols(), [b"h2", b"http/1.1"])
+        protocol = self.site.buildProtocol(_CLIENT)
+        self.assertIsInstance(protocol, ProxyHTTPChannelSwitch)
+        self.assertIs(protocol.site, self.site)
+        self.assertIs(protocol.factory, self.site)
+        self.assertEqual(protocol.timeOut, 30.0)
+        self.assertEqual(protocol.callLater, self.clock.callLater)
+
+    def test_http11_idle_timeout_uses_injected_clock(self) -> None:
+        """An idle HTTP/1.1 connection is closed on the site's clock after idle_timeout."""
+        _, transport = self.connect(None)
+        self.clock.advance(29)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_no_access_log_and_no_log_timer(self) -> None:
+        """Twisted's access log stays empty and starting the site schedules nothing."""
+        log_file = StringIO()
+        self.site.logFile = log_file
+        self.site.doStart()
+        self.addCleanup(self.site.doStop)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        protocol, transport = self.connect(None)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertEqual(log_file.getvalue(), "")
+
+    def test_invalid_settings_are_refused(self) -> None:
+        """A non-positive high-water mark or idle timeout is refused."""
+        resource = _HelloResource()
+        self.assertRaises(ValueError, ProxySite, resource, self.clock, stream_high_water=0)
+        self.assertRaises(ValueError, ProxySite, resource, self.clock, idle_timeout=0)

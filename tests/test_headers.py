@@ -1,0 +1,125 @@
+"""Header translation: hop-by-hop rules, Host, forwarding headers, validation."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from oaiproxy.errors import InvalidRequest
+from oaiproxy.http.headers import (
+    downstream_response_headers,
+    is_valid_name,
+    upstream_request_headers,
+)
+
+
+def up(client: Headers, **kw: object) -> Headers:
+    args: dict[str, object] = {
+        "host": b"up:9000",
+        "api_key": None,
+        "client_ip": "10.1.2.3",
+        "secure": True,
+        "request_id": b"rid",
+        "stream": False,
+    }
+    args.update(kw)
+    return upstream_request_headers(client, **args)  # type: ignore[arg-type]
+
+
+class UpstreamRequestHeadersTests(SynchronousTestCase):
+    """Client headers on their way upstream."""
+
+    def test_hop_by_hop_dropped(self) -> None:
+        """Connection, what it names, Keep-Alive, Proxy-*, TE, Trailer, TE, Upgrade go."""
+        client = Headers(
+            {
+                b"connection": [b"keep-alive, X-Secret-Hop"],
+                b"x-secret-hop": [b"1"],
+                b"keep-alive": [b"timeout=5"],
+                b"proxy-authorization": [b"Basic x"],
+                b"te": [b"trailers"],
+                b"trailer": [b"x"],
+                b"transfer-encoding": [b"chunked"],
+                b"upgrade": [b"h2c"],
+                b"content-length": [b"12"],
+                b"expect": [b"100-continue"],
+                b"x-keep": [b"yes"],
+            }
+        )
+        out = up(client)
+        names = {n.lower() for n, _ in out.getAllRawHeaders()}
+        self.assertEqual(
+            names,
+            {
+                b"x-keep",
+                b"host",
+                b"x-forwarded-for",
+                b"x-forwarded-proto",
+                b"x-request-id",
+            },
+        )
+
+    def test_host_from_upstream(self) -> None:
+        """Host is the upstream's, whatever the client said."""
+        out = up(Headers({b"host": [b"evil.example"]}))
+        self.assertEqual(out.getRawHeaders(b"host"), [b"up:9000"])
+
+    def test_forwarded_headers(self) -> None:
+        """X-Forwarded-For appends the client address; X-Forwarded-Proto says https."""
+        out = up(Headers({b"x-forwarded-for": [b"1.1.1.1"]}))
+        self.assertEqual(out.getRawHeaders(b"x-forwarded-for"), [b"1.1.1.1, 10.1.2.3"])
+        self.assertEqual(out.getRawHeaders(b"x-forwarded-proto"), [b"https"])
+
+    def test_key_injection(self) -> None:
+        """An upstream key replaces the client's Authorization; without one it passes."""
+        client = Headers({b"authorization": [b"Bearer client"]})
+        self.assertEqual(
+            up(client, api_key=b"sk-up").getRawHeaders(b"authorization"), [b"Bearer sk-up"]
+        )
+        self.assertEqual(up(client).getRawHeaders(b"authorization"), [b"Bearer client"])
+
+    def test_stream_asks_identity(self) -> None:
+        """A streamed request asks the upstream not to compress."""
+        client = Headers({b"accept-encoding": [b"gzip"]})
+        self.assertEqual(up(client, stream=True).getRawHeaders(b"accept-encoding"), [b"identity"])
+        self.assertEqual(up(client).getRawHeaders(b"accept-encoding"), [b"gzip"])
+
+    def test_invalid_rejected(self) -> None:
+        """A NUL in a value cannot be written as HTTP/1.1 (Headers itself turns CR/LF to spaces)."""
+        for headers in (
+            Headers({b"x-a": [b"nul\x00"]}),
+            Headers({b"x-forwarded-for": [b"1.2.3.4\x00"]}),
+        ):
+            self.assertRaises(InvalidRequest, up, headers)
+
+    def test_name_validation(self) -> None:
+        """Only RFC 9110 tokens are valid names (Twisted's Headers refuses the rest earlier)."""
+        self.assertTrue(is_valid_name(b"X-Request-Id"))
+        for bad in (b"bad name", b"a:b", b"", b"a\r", "é".encode()):
+            self.assertFalse(is_valid_name(bad), bad)
+
+
+class DownstreamResponseHeadersTests(SynchronousTestCase):
+    """Upstream response headers on their way back."""
+
+    def test_framing_and_hop_dropped(self) -> None:
+        """Framing and hop-by-hop go; end-to-end headers such as x-ratelimit-* stay."""
+        upstream = Headers(
+            {
+                b"content-length": [b"5"],
+                b"transfer-encoding": [b"chunked"],
+                b"connection": [b"close"],
+                b"server": [b"uvicorn"],
+                b"x-ratelimit-remaining-requests": [b"99"],
+                b"openai-processing-ms": [b"12"],
+            }
+        )
+        names = {n.lower() for n, _ in downstream_response_headers(upstream)}
+        self.assertEqual(names, {b"x-ratelimit-remaining-requests", b"openai-processing-ms"})
+
+    def test_unsafe_dropped(self) -> None:
+        """A value with a NUL is not relayed."""
+        upstream = Headers({b"x-a": [b"a\x00b"], b"x-b": [b"ok"]})
+        self.assertEqual(
+            [(n.lower(), v) for n, v in downstream_response_headers(upstream)], [(b"x-b", b"ok")]
+        )

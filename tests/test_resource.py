@@ -1,0 +1,140 @@
+"""The HTTP edge in memory: routes, local answers, body checks, the error shape."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from oaiproxy.config import Limits
+from tests.support.fakes import make_harness, parse_response, post
+
+
+def error_of(raw: bytes) -> tuple[int, dict[str, object], dict[bytes, list[bytes]]]:
+    status, headers, body = parse_response(raw)
+    error = json.loads(body)["error"]
+    return status, error, headers
+
+
+class RouteTests(SynchronousTestCase):
+    """What is answered locally."""
+
+    def test_healthz(self) -> None:
+        """GET /healthz answers 200 JSON without touching an upstream."""
+        h = make_harness()
+        _, transport = h.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = parse_response(transport.value())
+        self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}))
+        self.assertEqual(h.sent(), [])
+
+    def test_healthz_post_405(self) -> None:
+        """POST /healthz is 405 JSON."""
+        h = make_harness()
+        _, transport = h.send(post(b"/healthz", b"{}"))
+        status, error, _ = error_of(transport.value())
+        self.assertEqual((status, error["code"]), (405, "method_not_allowed"))
+
+    def test_unknown_path_404(self) -> None:
+        """Paths outside /v1 get an OpenAI-shaped 404 with all four keys and a request id."""
+        h = make_harness()
+        _, transport = h.send(b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, error, headers = error_of(transport.value())
+        self.assertEqual(status, 404)
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertEqual(error["type"], "invalid_request_error")
+        self.assertIn(b"x-request-id", headers)
+        self.assertEqual(h.sent(), [])
+
+    def test_prefix_lookalike_404(self) -> None:
+        """/v10/... is not /v1/..."""
+        h = make_harness()
+        _, transport = h.send(b"GET /v10/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(parse_response(transport.value())[0], 404)
+
+    def test_any_v1_path_forwarded(self) -> None:
+        """Endpoints the proxy does not know are forwarded all the same, method and all."""
+        h = make_harness()
+        h.send(b"DELETE /v1/files/file-abc HTTP/1.1\r\nHost: x\r\n\r\n")
+        (sent,) = h.sent()
+        self.assertEqual((sent.method, sent.uri), (b"DELETE", b"http://a.invalid:9000/v1/files/file-abc"))
+
+
+class BodyTests(SynchronousTestCase):
+    """JSON checks and the body cap."""
+
+    def test_malformed_json_400_not_forwarded(self) -> None:
+        """Bad JSON on a JSON endpoint is 400 invalid_request_error and never forwarded."""
+        h = make_harness()
+        _, transport = h.send(post(b"/v1/chat/completions", b'{"model": '))
+        status, error, _ = error_of(transport.value())
+        self.assertEqual((status, error["type"]), (400, "invalid_request_error"))
+        self.assertEqual(h.sent(), [])
+
+    def test_json_endpoint_whatever_content_type(self) -> None:
+        """A JSON endpoint is checked even when the client claims another content type."""
+        h = make_harness()
+        raw = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 4\r\n\r\nnope"
+        )
+        _, transport = h.send(raw)
+        self.assertEqual(parse_response(transport.value())[0], 400)
+
+    def test_non_object_json_400(self) -> None:
+        """A JSON array is not a request."""
+        h = make_harness()
+        _, transport = h.send(post(b"/v1/embeddings", b"[1, 2]"))
+        self.assertEqual(parse_response(transport.value())[0], 400)
+
+    def test_multipart_not_parsed(self) -> None:
+        """A multipart upload (audio, files) is forwarded as it is."""
+        h = make_harness()
+        raw = (
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5\r\n\r\n--b--"
+        )
+        h.send(raw)
+        self.assertEqual(h.sent()[0].body, b"--b--")
+
+    def test_stream_flag_and_model_read(self) -> None:
+        """The JSON body's stream flag reaches the upstream request (identity encoding)."""
+        h = make_harness()
+        h.send(post(b"/v1/chat/completions", b'{"model": "m", "stream": true}'))
+        self.assertEqual(h.sent()[0].headers.getRawHeaders(b"accept-encoding"), [b"identity"])
+
+    def test_known_length_over_cap_413_at_once(self) -> None:
+        """A Content-Length over the cap gets 413 and a close before the body is read."""
+        h = make_harness(limits=Limits(max_body_bytes=100))
+        proto, transport = h.connect()
+        proto.dataReceived(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        )
+        status, error, headers = error_of(transport.value())
+        self.assertEqual((status, error["code"]), (413, "request_too_large"))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(h.sent(), [])
+
+    def test_chunked_over_cap_413(self) -> None:
+        """A chunked body that grows past the cap gets 413 and a close."""
+        h = make_harness(limits=Limits(max_body_bytes=100))
+        proto, transport = h.connect()
+        proto.dataReceived(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        proto.dataReceived(b"80\r\n" + b"x" * 128 + b"\r\n")
+        self.assertEqual(parse_response(transport.value())[0], 413)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(h.sent(), [])
+
+    def test_under_cap_forwarded(self) -> None:
+        """A body at the cap is fine."""
+        h = make_harness(limits=Limits(max_body_bytes=16 * 1024 * 1024))
+        body = json.dumps({"input": "x" * 200_000}).encode()
+        h.send(post(b"/v1/embeddings", body))
+        self.assertEqual(h.sent()[0].body, body)
+
+    def test_bad_request_id_replaced(self) -> None:
+        """A client request id with spaces or too long is replaced by a generated one."""
+        h = make_harness()
+        h.send(post(b"/v1/embeddings", b"{}", b"X-Request-Id: " + b"a" * 300 + b"\r\n"))
+        self.assertEqual(len(h.sent()[0].headers.getRawHeaders(b"x-request-id", [b""])[0]), 32)
