@@ -446,6 +446,8 @@ class ProxySite(Site):
             raise ValueError(f"stream_high_water must be positive, not {stream_high_water}")
         if idle_timeout <= 0:
             raise ValueError(f"idle_timeout must be positive, not {idle_timeout}")
+        # A proxy relays bodies as they are: never parse form or multipart uploads.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, timeout=idle_timeout, reactor=reactor, **kwargs)
         self.stream_high_water = stream_high_water
 

@@ -66,8 +66,6 @@ class ProxyRequest(server.Request):
 
     max_body_bytes: ClassVar[int] = 32 * 1024 * 1024
     defaultContentType = None
-    # Bodies are relayed as they are: never parse form or multipart uploads (audio, files).
-    _parsePOSTFormSubmission = False
     body_too_large = False
     _received = 0
 
