@@ -123,6 +123,7 @@ def _start_demo_mocks(reactor: Any) -> tuple[PoolConfig, list[IListeningPort]]:
     # Imported here: only the demo needs the mock, and `python -m oaiproxy.mock` must not
     # find it already imported through the package.
     from oaiproxy.mock import MockConfig, build_mock_site  # noqa: PLC0415
+
     ports: list[IListeningPort] = []
     upstreams = []
     for name, weight in (("mock-a", 1), ("mock-b", 3)):

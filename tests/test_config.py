@@ -7,8 +7,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaiproxy.config import (
     ConfigError,
     Deadlines,
-    ListenerConfig,
     Limits,
+    ListenerConfig,
     PoolConfig,
     ProxyConfig,
     UpstreamConfig,
@@ -52,7 +52,7 @@ class UpstreamConfigTests(SynchronousTestCase):
             {"url": "http:///v1"},
         ):
             with self.assertRaises(ConfigError, msg=str(kwargs)):
-                UpstreamConfig(**kwargs)  # type: ignore[arg-type]
+                UpstreamConfig(**kwargs)
 
 
 class ParseTests(SynchronousTestCase):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseFailed
@@ -20,6 +21,18 @@ from tests.support.fakes import (
     post,
     upstream_config,
 )
+
+def client_buffer_full(transport: StringTransport) -> None:
+    """What the TCP transport does when its send buffer fills: pause its producer."""
+    assert transport.producer is not None
+    transport.producer.pauseProducing()
+
+
+def client_buffer_drained(transport: StringTransport) -> None:
+    """What the TCP transport does when its send buffer drains."""
+    assert transport.producer is not None
+    transport.producer.resumeProducing()
+
 
 CHAT = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
 SSE = {b"content-type": [b"text/event-stream"]}
@@ -88,7 +101,7 @@ class ForwardingTests(SynchronousTestCase):
         self.assertIn(b"data: two\n\n", transport.value()[len(first) :])
         response.deliver(b"data: [DONE]\n\n")
         response.end()
-        status, headers, body = parse_response(transport.value())
+        _status, headers, body = parse_response(transport.value())
         self.assertEqual(body, b"data: one\n\ndata: two\n\ndata: [DONE]\n\n")
         self.assertEqual(headers[b"x-accel-buffering"], [b"no"])
         self.assertNotIn(b"content-length", headers)
@@ -118,9 +131,7 @@ class ForwardingTests(SynchronousTestCase):
 
     def test_upstream_key_injected(self) -> None:
         """With an upstream key, the client's Authorization is replaced, never passed on."""
-        h = make_harness(
-            [upstream_config("a", key_env="K")], keys={"a": b"sk-upstream"}
-        )
+        h = make_harness([upstream_config("a", key_env="K")], keys={"a": b"sk-upstream"})
         h.send(post(b"/v1/embeddings", b"{}", b"Authorization: Bearer sk-client\r\n"))
         self.assertEqual(
             h.sent()[0].headers.getRawHeaders(b"authorization"), [b"Bearer sk-upstream"]
@@ -245,7 +256,7 @@ class DeadlineTests(SynchronousTestCase):
     def test_first_byte_met(self) -> None:
         """A first byte in time disarms the first-byte deadline."""
         h = make_harness(deadlines=Deadlines(first_byte=5.0, idle=None))
-        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        _, _transport = h.send(post(b"/v1/chat/completions", CHAT))
         response = FakeResponse(200, SSE)
         h.sent()[0].deferred.callback(response)
         response.deliver(b"data: 1\n\n")
@@ -272,15 +283,15 @@ class DeadlineTests(SynchronousTestCase):
     def test_idle_paused_by_client_not_counted(self) -> None:
         """While the client holds the stream paused, the idle deadline does not run."""
         h = make_harness(deadlines=Deadlines(idle=3.0))
-        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        _proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
         response = FakeResponse(200, SSE)
         h.sent()[0].deferred.callback(response)
         response.deliver(b"data: 1\n\n")
         h.clock.advance(0)
-        transport.producer.pauseProducing()
+        client_buffer_full(transport)
         h.clock.advance(10)
         self.assertEqual(response.socket.state, "paused")
-        transport.producer.resumeProducing()
+        client_buffer_drained(transport)
         self.assertEqual(response.socket.state, "producing")
 
     def test_total_deadline(self) -> None:
@@ -304,20 +315,20 @@ class BackpressureTests(SynchronousTestCase):
     def test_pause_and_resume_reach_upstream(self) -> None:
         """Downstream pause/resume are relayed to the upstream body transport."""
         h = make_harness()
-        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        _proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
         response = FakeResponse(200, SSE)
         h.sent()[0].deferred.callback(response)
         response.deliver(b"data: 1\n\n")
         h.clock.advance(0)
-        transport.producer.pauseProducing()  # what the TCP transport does when its buffer fills
+        client_buffer_full(transport)  # what the TCP transport does when its buffer fills
         self.assertEqual(response.socket.state, "paused")
-        transport.producer.resumeProducing()
+        client_buffer_drained(transport)
         self.assertEqual(response.socket.state, "producing")
 
     def test_producer_registered_before_first_write(self) -> None:
         """The relay is the request's producer as soon as the body starts, before any write."""
         h = make_harness()
-        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        proto, _transport = h.send(post(b"/v1/chat/completions", CHAT))
         response = FakeResponse(200, SSE)
         h.sent()[0].deferred.callback(response)
         self.assertIs(proto._channel._requestProducer, response.protocol)
@@ -325,7 +336,7 @@ class BackpressureTests(SynchronousTestCase):
     def test_producer_unregistered_at_end(self) -> None:
         """After the response ends the relay is no longer the request's producer."""
         h = make_harness()
-        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        proto, _transport = h.send(post(b"/v1/chat/completions", CHAT))
         response = FakeResponse(200, SSE)
         h.sent()[0].deferred.callback(response)
         response.end()
@@ -338,14 +349,14 @@ class CancellationTests(SynchronousTestCase):
     def test_gone_while_connecting_or_waiting_headers(self) -> None:
         """Before headers: the Agent's Deferred is cancelled."""
         h = make_harness()
-        proto, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        proto, _transport = h.send(post(b"/v1/embeddings", b"{}"))
         proto.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(h.sent()[0].cancelled)
 
     def test_gone_after_headers_before_body(self) -> None:
         """After headers: the body transport is stopped."""
         h = make_harness()
-        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        proto, _transport = h.send(post(b"/v1/chat/completions", CHAT))
         response = FakeResponse(200, SSE)
         h.sent()[0].deferred.callback(response)
         proto.connectionLost(Failure(ConnectionLost()))
@@ -354,7 +365,7 @@ class CancellationTests(SynchronousTestCase):
     def test_gone_mid_stream(self) -> None:
         """Mid-stream: the body transport is stopped and nothing more is written."""
         h = make_harness()
-        proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        proto, _transport = h.send(post(b"/v1/chat/completions", CHAT))
         response = FakeResponse(200, SSE)
         h.sent()[0].deferred.callback(response)
         response.deliver(b"data: 1\n\n")
@@ -369,7 +380,7 @@ class CancellationTests(SynchronousTestCase):
     def test_gone_cancels_timers(self) -> None:
         """No deadline timer outlives a cancelled exchange."""
         h = make_harness()
-        proto, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        proto, _transport = h.send(post(b"/v1/embeddings", b"{}"))
         proto.connectionLost(Failure(ConnectionLost()))
         pending = [c for c in h.clock.getDelayedCalls() if c.active()]
-        self.assertEqual([c for c in pending if "Exchange" in repr(c.func)], [])
+        self.assertEqual([c for c in pending if "Exchange" in repr(c)], [])

@@ -85,7 +85,7 @@ class UpstreamRequestHeadersTests(SynchronousTestCase):
         self.assertEqual(up(client).getRawHeaders(b"accept-encoding"), [b"gzip"])
 
     def test_invalid_rejected(self) -> None:
-        """A NUL in a value cannot be written as HTTP/1.1 (Headers itself turns CR/LF to spaces)."""
+        """A NUL in a value cannot go out as HTTP/1.1 (Headers turns CR/LF to spaces)."""
         for headers in (
             Headers({b"x-a": [b"nul\x00"]}),
             Headers({b"x-forwarded-for": [b"1.2.3.4\x00"]}),

@@ -23,7 +23,7 @@ class RouteTests(SynchronousTestCase):
         """GET /healthz answers 200 JSON without touching an upstream."""
         h = make_harness()
         _, transport = h.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        status, headers, body = parse_response(transport.value())
+        status, _headers, body = parse_response(transport.value())
         self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}))
         self.assertEqual(h.sent(), [])
 
@@ -56,7 +56,9 @@ class RouteTests(SynchronousTestCase):
         h = make_harness()
         h.send(b"DELETE /v1/files/file-abc HTTP/1.1\r\nHost: x\r\n\r\n")
         (sent,) = h.sent()
-        self.assertEqual((sent.method, sent.uri), (b"DELETE", b"http://a.invalid:9000/v1/files/file-abc"))
+        self.assertEqual(
+            (sent.method, sent.uri), (b"DELETE", b"http://a.invalid:9000/v1/files/file-abc")
+        )
 
 
 class BodyTests(SynchronousTestCase):
@@ -109,7 +111,7 @@ class BodyTests(SynchronousTestCase):
         proto.dataReceived(
             b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
         )
-        status, error, headers = error_of(transport.value())
+        status, error, _headers = error_of(transport.value())
         self.assertEqual((status, error["code"]), (413, "request_too_large"))
         self.assertTrue(transport.disconnecting)
         self.assertEqual(h.sent(), [])

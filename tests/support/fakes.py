@@ -113,7 +113,7 @@ class FakeAgent:
                 def write(self, data: bytes) -> None:
                     chunks.append(data)
 
-            bodyProducer.startProducing(_Consumer())  # type: ignore[arg-type]
+            bodyProducer.startProducing(_Consumer())
             body = b"".join(chunks)
 
         def cancel(d: Deferred[IResponse]) -> None:
