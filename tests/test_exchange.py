@@ -22,6 +22,7 @@ from tests.support.fakes import (
     upstream_config,
 )
 
+
 def client_buffer_full(transport: StringTransport) -> None:
     """What the TCP transport does when its send buffer fills: pause its producer."""
     assert transport.producer is not None
