@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: fakes for unit tests, real loopback servers for integration."""
