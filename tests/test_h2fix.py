@@ -11,7 +11,6 @@ connection feeds them bytes and parses what they write.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from io import StringIO
 
 import h2.config
@@ -19,7 +18,6 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
-from twisted.internet.address import IPv4Address
 from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IProtocol, IProtocolNegotiationFactory, IPushProducer
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
@@ -38,18 +36,14 @@ from oaiproxy.http.h2fix import (
     ProxySite,
     require_h2,
 )
+from tests.support.h2client import CLIENT_ADDRESS, REQUEST_HEADERS, H2Client, h2_server
 
 _INITIAL_WINDOW_SIZE = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
 _MAX_WINDOW = 2**31 - 1
 _DEFAULT_WINDOW = 65535
 _TIMEOUT = 60
-_CLIENT = IPv4Address("TCP", "192.0.2.7", 40000)
-_REQUEST_HEADERS = [
-    (b":method", b"GET"),
-    (b":path", b"/"),
-    (b":scheme", b"https"),
-    (b":authority", b"proxy.test"),
-]
+_CLIENT = CLIENT_ADDRESS
+_REQUEST_HEADERS = REQUEST_HEADERS
 
 
 class _HeldResource(Resource):
@@ -132,81 +126,6 @@ class _ALPNTransport(StringTransport):
         self.negotiatedProtocol = negotiated
 
 
-class _Client:
-    """An C{h2} client connection wired by hand to a server protocol and its transport."""
-
-    def __init__(self, server: IProtocol, transport: StringTransport) -> None:
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.h2 = h2.connection.H2Connection(config=config)
-        self._server = server
-        self._transport = transport
-        self.headers: dict[int, dict[bytes, bytes]] = {}
-        self.body: defaultdict[int, bytes] = defaultdict(bytes)
-        self.ended: set[int] = set()
-        self.terminated: list[h2.events.ConnectionTerminated] = []
-
-    def connect(self, settings: dict[int, int] | None = None, connection_window: int = 0) -> None:
-        """Send the preface, our settings and optionally a connection WINDOW_UPDATE."""
-        self.h2.initiate_connection()
-        if settings:
-            self.h2.update_settings(settings)
-        if connection_window:
-            self.h2.increment_flow_control_window(connection_window)
-        self.send()
-
-    def send(self) -> None:
-        """Deliver what the client has to send to the server."""
-        data = self.h2.data_to_send()
-        if data:
-            self._server.dataReceived(data)
-
-    def request(self, method: bytes = b"GET", *, end_stream: bool = True) -> int:
-        """Send a request's headers on a new stream; return its id."""
-        stream_id: int = self.h2.get_next_available_stream_id()
-        headers = [(b":method", method), *_REQUEST_HEADERS[1:]]
-        self.h2.send_headers(stream_id, headers, end_stream=end_stream)
-        self.send()
-        return stream_id
-
-    def open_window(self, increment: int, stream_id: int | None = None) -> None:
-        """Send a WINDOW_UPDATE for a stream, or for the connection."""
-        self.h2.increment_flow_control_window(increment, stream_id=stream_id)
-        self.send()
-
-    def receive(self) -> None:
-        """Parse what the server wrote since the last call, and answer (SETTINGS ACK)."""
-        data = self._transport.value()
-        self._transport.clear()
-        for event in self.h2.receive_data(data):
-            if isinstance(event, h2.events.ResponseReceived):
-                self.headers[event.stream_id] = dict(event.headers)
-            elif isinstance(event, h2.events.DataReceived):
-                self.body[event.stream_id] += event.data
-            elif isinstance(event, h2.events.StreamEnded):
-                self.ended.add(event.stream_id)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.terminated.append(event)
-        self.send()
-
-
-def _h2_server(
-    clock: MemoryReactorClock,
-    site: ProxySite,
-    high_water: int = DEFAULT_STREAM_HIGH_WATER,
-) -> tuple[ProxyH2Connection, StringTransport]:
-    """A connected L{ProxyH2Connection}, set up as the channel switch does."""
-    connection = ProxyH2Connection(clock, stream_high_water=high_water)
-    connection.requestFactory = site.requestFactory
-    connection.site = site
-    connection.factory = site
-    connection.timeOut = _TIMEOUT
-    transport = StringTransport(peerAddress=_CLIENT)
-    connection.makeConnection(transport)
-    # A TCP transport has its protocol as producer (the channel switch registers it).
-    transport.registerProducer(connection, True)
-    return connection, transport
-
-
 class _H2TestCase(SynchronousTestCase):
     """Shared set-up: a clock, a held app and a site; helpers to run the reactor's turns."""
 
@@ -241,10 +160,10 @@ class _H2TestCase(SynchronousTestCase):
         settings: dict[int, int] | None = None,
         connection_window: int = 0,
         high_water: int = DEFAULT_STREAM_HIGH_WATER,
-    ) -> tuple[ProxyH2Connection, StringTransport, _Client]:
+    ) -> tuple[ProxyH2Connection, StringTransport, H2Client]:
         """A server connection and a client that has sent its preface and settings."""
-        connection, transport = _h2_server(self.clock, self.site, high_water)
-        client = _Client(connection, transport)
+        connection, transport = h2_server(self.clock, self.site, high_water, _TIMEOUT)
+        client = H2Client(connection, transport)
         client.connect(settings, connection_window)
         self.settle()
         client.receive()
@@ -364,7 +283,7 @@ class HighWaterTests(_H2TestCase):
 
     def huge_window_client(
         self, stream_window: int = _MAX_WINDOW
-    ) -> tuple[ProxyH2Connection, StringTransport, _Client]:
+    ) -> tuple[ProxyH2Connection, StringTransport, H2Client]:
         """A client advertising a huge window for each stream, and 2**31-1 for the connection."""
         return self.serve(
             {_INITIAL_WINDOW_SIZE: stream_window},
@@ -450,7 +369,7 @@ class HighWaterTests(_H2TestCase):
 class IdleTimeoutTests(_H2TestCase):
     """The idle timeout spares streams waiting on the app, not idle or stalled clients."""
 
-    def goaway_codes(self, client: _Client) -> list[int | None]:
+    def goaway_codes(self, client: H2Client) -> list[int | None]:
         """The error codes of the GOAWAY frames the client got so far."""
         client.receive()
         return [event.error_code for event in client.terminated]
@@ -523,7 +442,7 @@ class SwitchAndSiteTests(SynchronousTestCase):
     def test_h2_request_response(self) -> None:
         """Over ALPN h2 a GET gets its status, headers, body and end of stream."""
         protocol, transport = self.connect(b"h2")
-        client = _Client(protocol, transport)
+        client = H2Client(protocol, transport)
         client.connect()
         stream_id = client.request()
         self.clock.advance(0)
@@ -536,7 +455,7 @@ class SwitchAndSiteTests(SynchronousTestCase):
     def test_h2_builds_proxy_connection_with_injected_settings(self) -> None:
         """ALPN h2 swaps in a ProxyH2Connection on the site's reactor, mark and timeout."""
         protocol, transport = self.connect(b"h2")
-        _Client(protocol, transport).connect()
+        H2Client(protocol, transport).connect()
         # Twisted's switch keeps the active channel in _channel.
         connection = protocol._channel
         self.assertIsInstance(connection, ProxyH2Connection)
