@@ -31,12 +31,12 @@ class H2ProxyTestCase(SynchronousTestCase):
         self.h = make_harness(limits=Limits(stream_high_water=self.high_water))
 
     def connect(
-        self, h: ProxyHarness | None = None, **settings: int
+        self, h: ProxyHarness | None = None, settings: dict[int, int] | None = None
     ) -> tuple[ProxyH2Connection, StringTransport, H2Client]:
         h = h or self.h
         connection, transport = h2_server(h.clock, h.site, self.high_water)
         client = H2Client(connection, transport)
-        client.connect({int(k): v for k, v in settings.items()} or None)
+        client.connect(settings)
         self.turn()
         client.receive()
         return connection, transport, client
@@ -137,7 +137,7 @@ class H2BackpressureTests(H2ProxyTestCase):
 
     def test_small_window_pauses_upstream(self) -> None:
         """A client that never opens its window pauses the upstream once the window is full."""
-        _, transport, client = self.connect()
+        _, _, client = self.connect()
         stream = self.chat(client)
         response = FakeResponse(200, SSE)
         self.h.sent()[0].deferred.callback(response)
@@ -157,8 +157,8 @@ class H2BackpressureTests(H2ProxyTestCase):
 
     def test_huge_window_slow_socket_bounded(self) -> None:
         """A huge window but a socket that does not drain: paused at the high-water mark."""
-        connection, transport, client = self.connect(
-            **{str(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE): MAX_WINDOW}
+        connection, _, client = self.connect(
+            settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: MAX_WINDOW}
         )
         client.open_window(MAX_WINDOW - 65535)
         stream = self.chat(client)
