@@ -76,6 +76,17 @@ class ForwardingTests(SynchronousTestCase):
         self.assertNotIn(b"server", headers)
         self.assertEqual(len(headers[b"x-request-id"][0]), 32)
 
+    def test_no_content_has_no_length(self) -> None:
+        """A 204 from upstream goes back as 204 without a body or Content-Length."""
+        h = make_harness()
+        _, transport = h.send(b"DELETE /v1/files/f HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = FakeResponse(204, {}, length=0)
+        h.sent()[0].deferred.callback(response)
+        response.end()
+        status, headers, body = parse_response(transport.value())
+        self.assertEqual((status, body), (204, b""))
+        self.assertNotIn(b"content-length", headers)
+
     def test_head_written_only_with_first_byte(self) -> None:
         """Nothing goes downstream until the first body byte, so errors can still replace it."""
         h = make_harness()

@@ -108,6 +108,16 @@ class BuildServiceTests(SynchronousTestCase):
             build_service(self.config(key_env="SECRET_KEY_VAR"), reactor, environ={})
         self.assertIn("SECRET_KEY_VAR", str(caught.exception))
 
+    def test_tls_without_h2_support_fails(self) -> None:
+        """A TLS listener without HTTP/2 support fails at start-up instead of breaking clients."""
+        from twisted.web import http
+
+        self.patch(http, "H2_ENABLED", False)
+        config = ProxyConfig(listeners=(ListenerConfig("tls", 8443, self_signed=True),), demo=True)
+        with self.assertRaises(RuntimeError) as caught:
+            build_service(config, MemoryReactorClock(), environ={})
+        self.assertIn("HTTP/2", str(caught.exception))
+
     def test_demo_starts_mocks(self) -> None:
         """Demo mode binds two mock upstreams on loopback and logs the fake-answers banner."""
         reactor = MemoryReactorClock()

@@ -197,7 +197,11 @@ class Relay(Protocol):
             out.setRawHeaders(b"x-accel-buffering", [b"no"])
             if not out.hasHeader(b"cache-control"):
                 out.setRawHeaders(b"cache-control", [b"no-cache"])
-        elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+        elif (
+            response.length is not UNKNOWN_LENGTH
+            and request.method != b"HEAD"
+            and response.code not in (204, 304)
+        ):
             out.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
 
     def _flush(self) -> None:
