@@ -76,6 +76,25 @@ class H2ForwardingTests(H2ProxyTestCase):
         self.assertEqual(client.body[stream], b"data: 1\n\ndata: [DONE]\n\n")
         self.assertIn(stream, client.ended)
 
+    def test_small_reads_coalesced(self) -> None:
+        """Reads arriving within one reactor turn go out as one DATA frame."""
+        _, transport, client = self.connect()
+        stream = self.chat(client)
+        response = FakeResponse(200, SSE)
+        self.h.sent()[0].deferred.callback(response)
+        for i in range(5):
+            response.deliver(b"data: %d\n\n" % i)
+        self.turn()
+        frames = [
+            e
+            for e in client.h2.receive_data(transport.value())
+            if hasattr(e, "flow_controlled_length")
+        ]
+        transport.clear()
+        self.assertEqual(len(frames), 1)
+        self.assertEqual(frames[0].data, b"".join(b"data: %d\n\n" % i for i in range(5)))
+        self.assertEqual(frames[0].stream_id, stream)
+
     def test_body_over_cap_413(self) -> None:
         """An h2 request body over the cap is answered 413 and not forwarded."""
         h = make_harness(limits=Limits(max_body_bytes=1024))

@@ -10,8 +10,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet import error as ierror
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -107,7 +113,15 @@ class _UpstreamEndpointFactory:
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         config = self._config
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, config.host, config.port)
+        endpoint: IStreamClientEndpoint
+        # An address needs no name resolution: Twisted's resolver would still send it through
+        # getaddrinfo on its thread pool, a thread hop (and a queue) per new connection.
+        if isIPAddress(config.host):
+            endpoint = TCP4ClientEndpoint(self._reactor, config.host, config.port)
+        elif isIPv6Address(config.host):
+            endpoint = TCP6ClientEndpoint(self._reactor, config.host, config.port)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, config.host, config.port)
         if self._tls is not None:
             endpoint = wrapClientTLS(self._tls, endpoint)
         if self._timeout is not None:

@@ -5,8 +5,8 @@ arrives, with backpressure both ways.
 The relay is the protocol given to C{IResponse.deliverBody} and the push producer registered
 on the downstream request before its first write: when the client reads slowly, the downstream
 transport (HTTP/1.1) or the HTTP/2 stream pauses the relay, which pauses the upstream body
-transport, i.e. the upstream socket read. Bytes pass through untouched; small reads that arrive
-within one reactor turn are coalesced into one downstream write.
+transport, i.e. the upstream socket read. Bytes pass through untouched; over HTTP/2, small reads
+that arrive within one reactor turn are coalesced into one downstream write.
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ class Relay(Protocol):
         self._paused = False
         self._registered = False
         self._seen_first_byte = False
+        # Over HTTP/2 each write becomes a frame queued for Twisted's send loop, one reactor
+        # turn each: join the reads of one turn into one write. Over HTTP/1.1 the transport
+        # already joins writes into one send per turn, so writing at once costs nothing more.
+        self._coalesce = isinstance(request.channel, H2Stream)
 
     def start(self) -> None:
         """Ask the response for its body; bytes flow from the next reactor turn on."""
@@ -111,7 +115,9 @@ class Relay(Protocol):
             self._on_first_byte()
         self._buffer.append(data)
         self._arm_idle()
-        if self._flush_call is None:
+        if not self._coalesce:
+            self._flush()
+        elif self._flush_call is None:
             self._flush_call = self._clock.callLater(0, self._flush)
 
     @override
