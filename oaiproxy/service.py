@@ -54,6 +54,18 @@ class _PortsService(Service):
             port.stopListening()
 
 
+class _CloseOnStop(Service):
+    """Closes the proxy's idle upstream connections when the service stops."""
+
+    def __init__(self, resource: ProxyResource) -> None:
+        self._resource = resource
+
+    @override
+    def stopService(self) -> Any:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted is unannotated
+        return self._resource.close()
+
+
 class _BannerService(Service):
     """Logs a message when the service starts (after twistd has set up logging)."""
 
@@ -95,7 +107,7 @@ def build_site(
 ) -> Site:
     """The proxy's HTTP site for one pool: resource, forwarder, agents, HTTP/2 fixes."""
     upstreams = resolve_keys(pool_config, environ)
-    agents = build_agents(
+    agents, pool = build_agents(
         reactor,
         upstreams,
         connect_timeout=config.deadlines.connect,
@@ -104,7 +116,7 @@ def build_site(
     )
     resource = ProxyResource(
         pool=Pool(pool_config, upstreams),
-        forwarder=Forwarder(agents),
+        forwarder=Forwarder(agents, pool),
         clock=reactor,
         deadlines=config.deadlines,
         limits=config.limits,
@@ -162,6 +174,7 @@ def build_service(
         mocks = ", ".join(u.url for u in pool_config.upstreams)
         banner.extend(DEMO_BANNER.format(mocks=mocks).strip("\n").splitlines())
     site = build_site(config, reactor, config.pools[0], environ)
+    _CloseOnStop(site.resource).setServiceParent(top)  # type: ignore[no-untyped-call]
     for listener in config.listeners:
         endpoint, cert_path = listener_endpoint(reactor, listener, config.state_dir)
         StreamServerEndpointService(endpoint, site).setServiceParent(top)

@@ -105,7 +105,9 @@ class BuildAgentsTests(SynchronousTestCase):
             Upstream(UpstreamConfig("http://127.0.0.1:9001/v1", name="a")),
             Upstream(UpstreamConfig("http://127.0.0.1:9002/v1", name="b")),
         ]
-        agents = build_agents(reactor, ups, connect_timeout=1.0, idle_connections=4, keepalive=4.0)
+        agents, _ = build_agents(
+            reactor, ups, connect_timeout=1.0, idle_connections=4, keepalive=4.0
+        )
         self.assertEqual(set(agents), {"a", "b"})
         agents["b"].request(b"GET", b"http://127.0.0.1:9002/v1/models")
         self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("127.0.0.1", 9002)])

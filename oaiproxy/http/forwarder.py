@@ -136,9 +136,10 @@ def build_agents(
     connect_timeout: float | None,
     idle_connections: int,
     keepalive: float,
-) -> dict[str, IAgent]:
+) -> tuple[dict[str, IAgent], HTTPConnectionPool]:
     """
-    One L{Agent} per upstream, sharing one persistent L{HTTPConnectionPool}.
+    One L{Agent} per upstream, sharing one persistent L{HTTPConnectionPool} (returned too,
+    so that its idle connections can be closed on shutdown).
 
     @param reactor: provides IReactorTCP, IReactorTime and name resolution.
     @param idle_connections: idle connections kept per upstream (busy ones are not capped).
@@ -148,12 +149,13 @@ def build_agents(
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = idle_connections
     pool.cachedConnectionTimeout = keepalive  # type: ignore[assignment]  # Twisted annotates int; it is a callLater delay
-    return {
+    agents: dict[str, IAgent] = {
         u.name: Agent.usingEndpointFactory(
             reactor, _UpstreamEndpointFactory(reactor, u, connect_timeout), pool
         )
         for u in upstreams
     }
+    return agents, pool
 
 
 def map_failure(failure: Failure) -> ProxyError:
@@ -185,8 +187,18 @@ def map_failure(failure: Failure) -> ProxyError:
 class Forwarder:
     """Sends a client's request to a chosen upstream."""
 
-    def __init__(self, agents: Mapping[str, IAgent]) -> None:
+    def __init__(
+        self, agents: Mapping[str, IAgent], pool: HTTPConnectionPool | None = None
+    ) -> None:
         self._agents = agents
+        self._pool = pool
+
+    def close(self) -> Deferred[None]:
+        """Close the idle upstream connections (on shutdown); fires when they are closed."""
+        if self._pool is None:
+            return succeed(None)
+        d: Deferred[None] = self._pool.closeCachedConnections()
+        return d
 
     def send(self, ctx: RequestContext, upstream: Upstream) -> Deferred[IResponse]:
         """

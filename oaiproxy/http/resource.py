@@ -9,6 +9,7 @@ import json
 import uuid
 from typing import Any, ClassVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
@@ -229,6 +230,10 @@ class ProxyResource(Resource):
             log.failure("unexpected error handling {path}", path=request.path[:200])
             write_error(request, ProxyError("internal proxy error"))
         return server.NOT_DONE_YET
+
+    def close(self) -> Deferred[None]:
+        """Release what the resource holds open (idle upstream connections)."""
+        return self._forwarder.close()
 
     def _render(self, request: server.Request) -> int:
         request_id = _request_id(request)

@@ -29,7 +29,7 @@ import h2.connection
 import h2.errors
 import h2.events
 from twisted.internet import reactor as _global_reactor
-from twisted.internet.defer import Deferred, TimeoutError, gatherResults, succeed
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IListeningPort, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -37,7 +37,6 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -53,7 +52,6 @@ from oaiproxy.config import (
     UpstreamConfig,
 )
 from oaiproxy.http import exchange as exchange_module
-from oaiproxy.http import forwarder as forwarder_module
 from oaiproxy.http.relay import Relay
 from oaiproxy.mock import MockConfig, build_mock_site
 from oaiproxy.service import build_site
@@ -364,7 +362,6 @@ class ProxyServer:
     tls_port: int
     cert_path: str
     site: Site
-    pools: list[HTTPConnectionPool]
     connections: ConnectionTracker
 
     @property
@@ -390,16 +387,6 @@ def start_proxy(
     Build the proxy's site for C{upstreams} and listen on 127.0.0.1 twice: plain and TLS,
     with a fresh self-signed certificate whose path is returned for clients to trust.
     """
-    pools: list[HTTPConnectionPool] = []
-
-    class _RecordingPool(HTTPConnectionPool):
-        """The upstream connection pool, kept so the cleanup can close it."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            pools.append(self)
-
-    testcase.patch(forwarder_module, "HTTPConnectionPool", _RecordingPool)
     config = ProxyConfig(
         # build_site does not listen; the listener only satisfies validation.
         listeners=(ListenerConfig("tcp", 0),),
@@ -408,8 +395,6 @@ def start_proxy(
         deadlines=deadlines or Deadlines(),
     )
     site = build_site(config, reactor, config.pools[0], environ or {})
-    if not pools:
-        raise RuntimeError("build_site made no HTTPConnectionPool: cannot close it after tests")
     tracker = ConnectionTracker(site)
     key_path, cert_path = ensure_self_signed(testcase.mktemp())
     plain = reactor.listenTCP(0, site, interface="127.0.0.1")
@@ -417,11 +402,8 @@ def start_proxy(
         0, site, server_context_factory(key_path, cert_path), interface="127.0.0.1"
     )
 
-    def close_pools() -> Deferred[list[None]]:
-        return gatherResults([pool.closeCachedConnections() for pool in pools])
-
     # Cleanups run last first: stop listening, close client connections, close the pool.
-    testcase.addCleanup(close_pools)
+    testcase.addCleanup(site.resource.close)
     testcase.addCleanup(_close_all, tracker)
     testcase.addCleanup(secure.stopListening)
     testcase.addCleanup(plain.stopListening)
@@ -430,7 +412,6 @@ def start_proxy(
         tls_port=secure.getHost().port,
         cert_path=cert_path,
         site=site,
-        pools=pools,
         connections=tracker,
     )
 
