@@ -54,7 +54,7 @@ config = ProxyConfig(
         stream_high_water=256 * 1024,  # bytes queued per client stream before pausing upstream
         client_idle_timeout=60.0,  # seconds an idle client connection stays open
         max_attempts=3,  # upstreams tried before answering 502 (only before the first byte)
-        upstream_connections=64,  # idle keep-alive connections kept per upstream
+        upstream_connections=256,  # idle keep-alive connections kept per upstream
     ),
     state_dir=".oaiproxy",  # generated files (the self-signed certificate)
 )

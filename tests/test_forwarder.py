@@ -111,3 +111,45 @@ class BuildAgentsTests(SynchronousTestCase):
         self.assertEqual(set(agents), {"a", "b"})
         agents["b"].request(b"GET", b"http://127.0.0.1:9002/v1/models")
         self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("127.0.0.1", 9002)])
+
+
+class CoalescingChunkedDecoderTests(SynchronousTestCase):
+    """Upstream chunked bodies: every chunk of one read delivered as one piece."""
+
+    def decoder(self) -> tuple[Any, list[bytes], list[bytes]]:
+        from oaiproxy.http.forwarder import _CoalescingChunkedDecoder
+
+        data: list[bytes] = []
+        finished: list[bytes] = []
+        return _CoalescingChunkedDecoder(data.append, finished.append), data, finished
+
+    def test_one_read_one_delivery(self) -> None:
+        """Three chunks in one read are delivered once, joined, in order."""
+        decoder, data, _ = self.decoder()
+        decoder.dataReceived(b"3\r\nabc\r\n2\r\nde\r\n1\r\nf\r\n")
+        self.assertEqual(data, [b"abcdef"])
+
+    def test_split_reads(self) -> None:
+        """A chunk split across reads is delivered as its parts arrive."""
+        decoder, data, _ = self.decoder()
+        decoder.dataReceived(b"6\r\nabc")
+        decoder.dataReceived(b"def\r\n")
+        self.assertEqual(b"".join(data), b"abcdef")
+
+    def test_end_flushes_before_finish(self) -> None:
+        """Data read with the last chunk is delivered before the end is reported."""
+        decoder, _, _ = self.decoder()
+        order: list[str] = []
+        decoder._deliver = lambda d: order.append("data")
+        decoder._real_finish = lambda extra: order.append("finish")
+        decoder.dataReceived(b"2\r\nhi\r\n0\r\n\r\n")
+        self.assertEqual(order, ["data", "finish"])
+
+    def test_malformed_still_rejected(self) -> None:
+        """Bad chunk framing still raises, after delivering the good chunks before it."""
+        from twisted.web.http import _MalformedChunkedDataError
+
+        decoder, data, _ = self.decoder()
+        with self.assertRaises(_MalformedChunkedDataError):
+            decoder.dataReceived(b"2\r\nok\r\nzz\r\n")
+        self.assertEqual(data, [b"ok"])

@@ -88,6 +88,7 @@ class Relay(Protocol):
         self._paused = False
         self._registered = False
         self._seen_first_byte = False
+        self._last_activity = 0.0
         # Over HTTP/2 each write becomes a frame queued for Twisted's send loop, one reactor
         # turn each: join the reads of one turn into one write. Over HTTP/1.1 the transport
         # already joins writes into one send per turn, so writing at once costs nothing more.
@@ -268,12 +269,12 @@ class Relay(Protocol):
     def _arm_idle(self) -> None:
         # The idle deadline runs between body chunks only: before the first one the exchange's
         # first-byte deadline applies, and while the client holds us paused the silence is not
-        # the upstream's doing.
+        # the upstream's doing. Each chunk only records the time; the timer, when it fires,
+        # re-arms itself for what is left (resetting a DelayedCall per chunk was costly).
         if self._idle_timeout is None or self._paused or not self._seen_first_byte:
             return
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.reset(self._idle_timeout)
-        else:
+        self._last_activity = self._clock.seconds()
+        if self._idle_call is None or not self._idle_call.active():
             self._idle_call = self._clock.callLater(self._idle_timeout, self._idle_expired)
 
     def _cancel_idle(self) -> None:
@@ -283,4 +284,9 @@ class Relay(Protocol):
 
     def _idle_expired(self) -> None:
         self._idle_call = None
+        assert self._idle_timeout is not None
+        remaining = self._last_activity + self._idle_timeout - self._clock.seconds()
+        if remaining > 0:
+            self._idle_call = self._clock.callLater(remaining, self._idle_expired)
+            return
         self.abort(UpstreamTimeout(f"upstream sent nothing for {self._idle_timeout:g}s"))
