@@ -81,8 +81,10 @@ class ProxyH2Connection(H2Connection):
 
     @ivar stream_high_water: bytes of response data queued for one stream at which that
         stream's producer is paused; it is resumed below half of this.
+    @ivar frames_per_turn: DATA frames sent per reactor turn before yielding to other work.
     """
 
+    frames_per_turn = 16
     _log = Logger()
     # Set by Twisted's unannotated code; declared for the type checker.
     _reactor: IReactorTime
@@ -191,28 +193,37 @@ class ProxyH2Connection(H2Connection):
     @override
     def _sendPrioritisedData(self, *args: object) -> None:
         """
-        Send one frame of the highest-priority stream that can send, then go round again.
+        Send up to C{frames_per_turn} frames, each from the highest-priority stream that can
+        send, then go round again on the next reactor turn.
 
         Twisted's loop, except that a stream whose window is closed is blocked instead of
-        being picked again and again, and a stream's producer is resumed as its queue drains.
+        being picked again and again, a stream's producer is resumed as its queue drains, and
+        several frames go per turn (Twisted sends one frame per C{callLater(0)}).
         """
-        if not self._stillProducing:
-            return
-        try:
-            stream_id: int = next(self.priority)
-        except priority.DeadlockError:
-            # Nothing can be sent: sleep until _wake_sender.
-            assert self._sendingDeferred is None
-            self._sendingDeferred = Deferred()
-            self._sendingDeferred.addCallback(self._sendPrioritisedData)
-            return
+        reset = False
+        for _ in range(self.frames_per_turn):
+            if not self._stillProducing:
+                return
+            try:
+                stream_id: int = next(self.priority)
+            except priority.DeadlockError:
+                # Nothing can be sent: sleep until _wake_sender.
+                assert self._sendingDeferred is None
+                self._sendingDeferred = Deferred()
+                self._sendingDeferred.addCallback(self._sendPrioritisedData)
+                return
+            # Wait behind the transport.
+            if self._consumerBlocked is not None:
+                self._consumerBlocked.addCallback(self._sendPrioritisedData)
+                return
+            if not reset:
+                self.resetTimeout()
+                reset = True
+            self._send_frame(stream_id)
+        self._reactor.callLater(0, self._sendPrioritisedData)
 
-        # Wait behind the transport.
-        if self._consumerBlocked is not None:
-            self._consumerBlocked.addCallback(self._sendPrioritisedData)
-            return
-
-        self.resetTimeout()
+    def _send_frame(self, stream_id: int) -> None:
+        """Send the next frame (or the end) of one stream, as far as its window allows."""
         transport = self.transport
         assert transport is not None
         queue: deque[object] = self._outboundStreamQueues[stream_id]
@@ -228,23 +239,21 @@ class ProxyH2Connection(H2Connection):
             else:
                 transport.write(self.conn.data_to_send())
                 self._requestDone(stream_id)
+            return
+        chunk = cast(bytes, chunk)
+        size = min(self.conn.max_outbound_frame_size, self._window(stream_id))
+        if size <= 0:
+            queue.appendleft(chunk)
         else:
-            chunk = cast(bytes, chunk)
-            size = min(self.conn.max_outbound_frame_size, self._window(stream_id))
-            if size <= 0:
-                queue.appendleft(chunk)
-            else:
-                if len(chunk) > size:
-                    queue.appendleft(chunk[size:])
-                    chunk = chunk[:size]
-                self.conn.send_data(stream_id, chunk)
-                self._queued_bytes[stream_id] -= len(chunk)
-                transport.write(self.conn.data_to_send())
-            if stream_id in self.streams:
-                self._plan_stream(stream_id)
-                self._update_producer(stream_id)
-
-        self._reactor.callLater(0, self._sendPrioritisedData)
+            if len(chunk) > size:
+                queue.appendleft(chunk[size:])
+                chunk = chunk[:size]
+            self.conn.send_data(stream_id, chunk)
+            self._queued_bytes[stream_id] -= len(chunk)
+            transport.write(self.conn.data_to_send())
+        if stream_id in self.streams:
+            self._plan_stream(stream_id)
+            self._update_producer(stream_id)
 
     # Idle timeout.
 
