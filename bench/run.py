@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -46,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated measurement numbers to run (1-7, profiles); default: all",
     )
     args = parser.parse_args(argv)
+    missing = [tool for tool in ("nginx", "wrk", "h2load") if shutil.which(tool) is None]
+    if not (Path(sys.executable).parent / "py-spy").exists():
+        missing.append("py-spy")
+    if missing:
+        print(
+            f"missing: {', '.join(missing)}. Install them with: apt-get install -y nginx wrk "
+            f"nghttp2-client && {sys.executable} -m pip install py-spy",
+            file=sys.stderr,
+        )
+        return 2
     only = frozenset(k.strip() for k in args.only.split(",") if k.strip()) or None
     settings = Settings.quick() if args.quick else Settings.full()
     started = time.time()

@@ -128,6 +128,19 @@ class BodyTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(h.sent(), [])
 
+    def test_chunked_over_cap_answered_once(self) -> None:
+        """A chunked body over the cap that ends in the same read still gets one answer only."""
+        h = make_harness(limits=Limits(max_body_bytes=100))
+        proto, transport = h.connect()
+        proto.dataReceived(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"80\r\n"
+            + b"x" * 128
+            + b"\r\n0\r\n\r\n"
+        )
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+        self.assertEqual(h.sent(), [])
+
     def test_under_cap_forwarded(self) -> None:
         """A body at the cap is fine."""
         h = make_harness(limits=Limits(max_body_bytes=16 * 1024 * 1024))

@@ -76,6 +76,8 @@ class ProxyRequest(server.Request):
     max_body_bytes: ClassVar[int] = 32 * 1024 * 1024
     defaultContentType = None
     body_too_large = False
+    # Set when the 413 went straight to the HTTP/1.1 transport: nothing more may be written.
+    answered_early = False
     _received = 0
 
     @override
@@ -116,6 +118,7 @@ class ProxyRequest(server.Request):
                 b"connection: close\r\n\r\n%s" % (len(body), request_id, body)
             )
             transport.loseConnection()
+            self.answered_early = True
 
 
 def request_factory(max_body_bytes: int) -> type[ProxyRequest]:
@@ -242,6 +245,8 @@ class ProxyResource(Resource):
 
     def _render(self, request: server.Request) -> int:
         request_id = _request_id(request)
+        if getattr(request, "answered_early", False):
+            return server.NOT_DONE_YET  # the connection is closing after its 413
         if getattr(request, "body_too_large", False):
             raise _too_large_error(self._limits.max_body_bytes)
         path = request.path
