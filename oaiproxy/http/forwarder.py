@@ -48,6 +48,7 @@ from oaiproxy.errors import (
     UpstreamProtocolError,
 )
 from oaiproxy.http.headers import upstream_request_headers
+from oaiproxy.http.nodelay import set_no_delay
 from oaiproxy.tls import upstream_tls_options
 
 __all__ = ["BytesProducer", "DeadlineEndpoint", "Forwarder", "build_agents", "map_failure"]
@@ -170,6 +171,11 @@ class _CoalescingChunkedDecoder(_ChunkedTransferDecoder):
 
 class _ProxyClientProtocol(HTTP11ClientProtocol):
     """Twisted's upstream HTTP/1.1 client protocol, with the coalescing chunked decoder."""
+
+    @override
+    def connectionMade(self) -> None:
+        set_no_delay(self.transport)
+        super().connectionMade()
 
     @override
     def request(self, request: Any) -> Deferred[IResponse]:

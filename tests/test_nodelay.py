@@ -1,0 +1,74 @@
+"""TCP_NODELAY on upstream connections (Twisted sets it on accepted ones itself)."""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from oaiproxy.http.nodelay import set_no_delay
+
+
+@implementer(ITCPTransport)
+class FakeTCP(StringTransport):
+    """A TCP transport that records TCP_NODELAY."""
+
+    no_delay = False
+    keep_alive = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return self.no_delay
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.keep_alive = enabled
+
+    def getTcpKeepAlive(self) -> bool:
+        return self.keep_alive
+
+    def loseWriteConnection(self) -> None:
+        """Not used."""
+
+
+class Wrapper:
+    """A TLS-like wrapper exposing the transport beneath."""
+
+    def __init__(self, transport: object) -> None:
+        self.transport = transport
+
+
+class SetNoDelayTests(SynchronousTestCase):
+    """The helper finds the TCP transport."""
+
+    def test_direct(self) -> None:
+        """A TCP transport gets TCP_NODELAY."""
+        tcp = FakeTCP()
+        self.assertTrue(set_no_delay(tcp))
+        self.assertTrue(tcp.no_delay)
+
+    def test_under_wrappers(self) -> None:
+        """The TCP transport under TLS wrappers gets it."""
+        tcp = FakeTCP()
+        self.assertTrue(set_no_delay(Wrapper(Wrapper(tcp))))
+        self.assertTrue(tcp.no_delay)
+
+    def test_no_tcp(self) -> None:
+        """Without a TCP transport beneath, nothing happens."""
+        self.assertFalse(set_no_delay(StringTransport()))
+
+
+class UpstreamConnectionTests(SynchronousTestCase):
+    """Twisted's HTTP client leaves Nagle on; the proxy's upstream connections turn it off."""
+
+    def test_upstream_protocol_sets_no_delay(self) -> None:
+        """A new upstream connection gets TCP_NODELAY (through a TLS wrapper too)."""
+        from oaiproxy.http.forwarder import _ProxyClientProtocol
+
+        for wrap in (False, True):
+            tcp = FakeTCP()
+            protocol = _ProxyClientProtocol()
+            protocol.makeConnection(Wrapper(tcp) if wrap else tcp)
+            self.assertTrue(tcp.no_delay, f"wrapped={wrap}")
