@@ -393,3 +393,33 @@ class CancellationTests(SynchronousTestCase):
         proto.connectionLost(Failure(ConnectionLost()))
         pending = [c for c in h.clock.getDelayedCalls() if c.active()]
         self.assertEqual([c for c in pending if "Exchange" in repr(c)], [])
+
+
+class RealAgentCancellationTests(SynchronousTestCase):
+    """With Twisted's real Agent and pool: a client gone while connecting cancels the connect."""
+
+    def test_gone_while_connecting(self) -> None:
+        """The upstream connection attempt itself is cancelled, not just abandoned."""
+        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.iweb import IAgentEndpointFactory
+        from zope.interface import implementer
+
+        from oaiproxy.http.forwarder import Forwarder
+        from tests.support.fakes import HangingEndpoint
+
+        endpoint = HangingEndpoint()
+
+        @implementer(IAgentEndpointFactory)
+        class Endpoints:
+            def endpointForURI(self, uri: object) -> HangingEndpoint:
+                return endpoint
+
+        h = make_harness()
+        pool = HTTPConnectionPool(h.clock, persistent=True)
+        agent = Agent.usingEndpointFactory(h.clock, Endpoints(), pool)
+        h.site.resource._forwarder = Forwarder({"a": agent}, pool)
+        proto, _ = h.send(post(b"/v1/embeddings", b"{}"))
+        self.assertIsNotNone(endpoint.attempt)
+        self.assertFalse(endpoint.cancelled)
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(endpoint.cancelled)

@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
+from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ParseError, ResponseNeverReceived
-from zope.interface import implementer
 
 from oaiproxy.balancing.pool import Upstream
 from oaiproxy.config import UpstreamConfig
@@ -23,22 +21,7 @@ from oaiproxy.errors import (
     UpstreamProtocolError,
 )
 from oaiproxy.http.forwarder import DeadlineEndpoint, build_agents, map_failure
-
-
-@implementer(IStreamClientEndpoint)
-class HangingEndpoint:
-    """An endpoint whose connection attempt never completes until cancelled."""
-
-    def __init__(self) -> None:
-        self.cancelled = False
-        self.attempt: Deferred[IProtocol] | None = None
-
-    def connect(self, protocolFactory: Any) -> Deferred[IProtocol]:
-        def cancel(d: Deferred[IProtocol]) -> None:
-            self.cancelled = True
-
-        self.attempt = Deferred(cancel)
-        return self.attempt
+from tests.support.fakes import HangingEndpoint
 
 
 class DeadlineEndpointTests(SynchronousTestCase):

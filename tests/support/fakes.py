@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IProtocol, IPushProducer, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web._newclient import TransportProxyProducer
@@ -24,6 +24,22 @@ from oaiproxy.config import Deadlines, Limits, PoolConfig, UpstreamConfig
 from oaiproxy.http.forwarder import Forwarder
 from oaiproxy.http.h2fix import ProxySite
 from oaiproxy.http.resource import ProxyResource, request_factory
+
+
+@implementer(IStreamClientEndpoint)
+class HangingEndpoint:
+    """An endpoint whose connection attempt never completes until cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.attempt: Deferred[IProtocol] | None = None
+
+    def connect(self, protocolFactory: Any) -> Deferred[IProtocol]:
+        def cancel(d: Deferred[IProtocol]) -> None:
+            self.cancelled = True
+
+        self.attempt = Deferred(cancel)
+        return self.attempt
 
 
 @implementer(IPushProducer)
