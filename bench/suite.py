@@ -424,6 +424,22 @@ class Bench:
         self.files[path.name] = path.read_text()
         return path
 
+    def _warm_and_wrk(
+        self, target: str, script: Path, *, connections: int, seconds: float
+    ) -> tuple[WrkResult, dict[str, float]]:
+        """A warm-up run of wrk (not recorded), then the measured run."""
+        threads = self.settings.wrk_threads
+        warmup = self.settings.warmup_seconds
+        self._wrk(
+            target,
+            script,
+            connections=connections,
+            threads=threads,
+            seconds=warmup,
+            record_command=False,
+        )
+        return self._wrk(target, script, connections=connections, threads=threads, seconds=seconds)
+
     def _chat_script(self) -> Path:
         return self._keep(loadgen.write_chat_script(self.workdir / "chat.lua"))
 
@@ -438,20 +454,8 @@ class Bench:
         script = self._chat_script()
         results: dict[str, WrkResult] = {}
         for target in ("direct", "nginx", "oaiproxy"):
-            self._wrk(
-                target,
-                script,
-                connections=s.wrk_connections,
-                threads=s.wrk_threads,
-                seconds=s.warmup_seconds,
-                record_command=False,
-            )
-            result, cpu = self._wrk(
-                target,
-                script,
-                connections=s.wrk_connections,
-                threads=s.wrk_threads,
-                seconds=s.wrk_seconds,
+            result, cpu = self._warm_and_wrk(
+                target, script, connections=s.wrk_connections, seconds=s.wrk_seconds
             )
             results[target] = result
             self._note(
@@ -589,20 +593,8 @@ class Bench:
         script = self._stream_script()
         rates: dict[str, float] = {}
         for target in ("direct", "nginx", "oaiproxy"):
-            self._wrk(
-                target,
-                script,
-                connections=s.chunk_connections,
-                threads=s.wrk_threads,
-                seconds=s.warmup_seconds,
-                record_command=False,
-            )
-            result, cpu = self._wrk(
-                target,
-                script,
-                connections=s.chunk_connections,
-                threads=s.wrk_threads,
-                seconds=s.chunk_seconds,
+            result, cpu = self._warm_and_wrk(
+                target, script, connections=s.chunk_connections, seconds=s.chunk_seconds
             )
             events = result.events or 0
             # Content chunks only: each stream also carries a finish event and [DONE].
