@@ -438,6 +438,24 @@ def _dead(testcase: TestCase, name: str) -> UpstreamConfig:
     return UpstreamConfig(url=f"http://127.0.0.1:{refused_port(testcase)}/v1", name=name)
 
 
+def _served_by(proxy: ProxyServer, count: int) -> Deferred[list[tuple[int, str | None]]]:
+    """Send C{count} chat requests in turn; the status and serving mock of each."""
+
+    def call() -> list[tuple[int, str | None]]:
+        with _http1() as client:
+            answers = []
+            for _ in range(count):
+                response = client.post(
+                    f"{proxy.http_url}/v1/chat/completions",
+                    content=_CHAT,
+                    headers={"content-type": "application/json"},
+                )
+                answers.append((response.status_code, response.headers.get("x-mock-upstream")))
+            return answers
+
+    return _in_thread(call)
+
+
 class FailoverTests(TestCase):
     """Refused upstreams and upstream errors before anything went downstream."""
 
@@ -448,19 +466,7 @@ class FailoverTests(TestCase):
         mock = start_mock(self, "b")
         proxy = start_proxy(self, [_dead(self, "dead"), mock.upstream()])
 
-        def call() -> list[tuple[int, str | None]]:
-            with _http1() as client:
-                answers = []
-                for _ in range(4):
-                    response = client.post(
-                        f"{proxy.http_url}/v1/chat/completions",
-                        content=_CHAT,
-                        headers={"content-type": "application/json"},
-                    )
-                    answers.append((response.status_code, response.headers.get("x-mock-upstream")))
-                return answers
-
-        self.assertEqual(await _in_thread(call), [(200, "b")] * 4)
+        self.assertEqual(await _served_by(proxy, 4), [(200, "b")] * 4)
         self.assertEqual(len(mock.requests), 4)
 
     async def test_all_refused_is_502(self) -> None:
@@ -478,19 +484,7 @@ class FailoverTests(TestCase):
         healthy = start_mock(self, "healthy")
         proxy = start_proxy(self, [failing.upstream(), healthy.upstream()])
 
-        def call() -> list[tuple[int, str | None]]:
-            with _http1() as client:
-                answers = []
-                for _ in range(4):
-                    response = client.post(
-                        f"{proxy.http_url}/v1/chat/completions",
-                        content=_CHAT,
-                        headers={"content-type": "application/json"},
-                    )
-                    answers.append((response.status_code, response.headers.get("x-mock-upstream")))
-                return answers
-
-        self.assertEqual(await _in_thread(call), [(200, "healthy")] * 4)
+        self.assertEqual(await _served_by(proxy, 4), [(200, "healthy")] * 4)
         self.assertEqual(len(healthy.requests), 4)
         # The failing upstream was really tried (else this test would prove nothing).
         self.assertGreaterEqual(len(failing.requests), 1)
