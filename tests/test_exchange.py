@@ -6,6 +6,7 @@ backpressure, cancellation in every window, and upstream drops.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import StringTransport
@@ -16,6 +17,7 @@ from twisted.web._newclient import ResponseFailed
 from oaiproxy.config import Deadlines, Limits
 from tests.support.fakes import (
     FakeResponse,
+    ProxyHarness,
     make_harness,
     parse_response,
     post,
@@ -37,6 +39,14 @@ def client_buffer_drained(transport: StringTransport) -> None:
 
 CHAT = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
 SSE = {b"content-type": [b"text/event-stream"]}
+
+
+def answered_stream(h: ProxyHarness) -> tuple[Any, StringTransport, FakeResponse]:
+    """A streamed chat request through the proxy, its upstream answering 200 event-stream."""
+    proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
+    response = FakeResponse(200, SSE)
+    h.sent()[-1].deferred.callback(response)
+    return proto, transport, response
 
 
 class ForwardingTests(SynchronousTestCase):
@@ -90,9 +100,7 @@ class ForwardingTests(SynchronousTestCase):
     def test_head_written_only_with_first_byte(self) -> None:
         """Nothing goes downstream until the first body byte, so errors can still replace it."""
         h = make_harness()
-        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        _, transport, response = answered_stream(h)
         self.assertEqual(transport.value(), b"")
         response.deliver(b"data: 1\n\n")
         h.clock.advance(0)
@@ -101,9 +109,7 @@ class ForwardingTests(SynchronousTestCase):
     def test_sse_relayed_unbuffered(self) -> None:
         """Each SSE chunk is written in the reactor turn it arrives, with no-buffering headers."""
         h = make_harness()
-        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        _, transport, response = answered_stream(h)
         response.deliver(b"data: one\n\n")
         h.clock.advance(0)
         first = transport.value()
@@ -121,9 +127,7 @@ class ForwardingTests(SynchronousTestCase):
     def test_http11_writes_at_once(self) -> None:
         """Over HTTP/1.1 each upstream read is written in the same turn (the socket joins them)."""
         h = make_harness()
-        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        _, transport, response = answered_stream(h)
         response.deliver(b"data: 1\n\n")
         self.assertIn(b"data: 1\n\n", transport.value())
 
@@ -255,9 +259,7 @@ class DeadlineTests(SynchronousTestCase):
     def test_first_byte_after_headers_504(self) -> None:
         """Headers but no first token within first_byte: still a clean 504."""
         h = make_harness(deadlines=Deadlines(first_byte=5.0))
-        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        _, transport, response = answered_stream(h)
         h.clock.advance(5.1)
         self.assertTrue(response.socket.stopped)
         self.assertEqual(parse_response(transport.value())[0], 504)
@@ -265,9 +267,7 @@ class DeadlineTests(SynchronousTestCase):
     def test_first_byte_met(self) -> None:
         """A first byte in time disarms the first-byte deadline."""
         h = make_harness(deadlines=Deadlines(first_byte=5.0, idle=None))
-        _, _transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        _, _transport, response = answered_stream(h)
         response.deliver(b"data: 1\n\n")
         h.clock.advance(100)
         self.assertFalse(response.socket.stopped)
@@ -275,9 +275,7 @@ class DeadlineTests(SynchronousTestCase):
     def test_idle_gap_ends_stream(self) -> None:
         """A silent gap past idle mid-stream ends it with an SSE error and stops the upstream."""
         h = make_harness(deadlines=Deadlines(idle=3.0))
-        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        _, transport, response = answered_stream(h)
         response.deliver(b"data: 1\n\n")
         h.clock.advance(2.9)
         response.deliver(b"data: 2\n\n")
@@ -292,9 +290,7 @@ class DeadlineTests(SynchronousTestCase):
     def test_idle_paused_by_client_not_counted(self) -> None:
         """While the client holds the stream paused, the idle deadline does not run."""
         h = make_harness(deadlines=Deadlines(idle=3.0))
-        _proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        _proto, transport, response = answered_stream(h)
         response.deliver(b"data: 1\n\n")
         h.clock.advance(0)
         client_buffer_full(transport)
@@ -306,9 +302,7 @@ class DeadlineTests(SynchronousTestCase):
     def test_total_deadline(self) -> None:
         """The total deadline ends a stream that keeps trickling."""
         h = make_harness(deadlines=Deadlines(total=10.0, idle=None))
-        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        _, transport, response = answered_stream(h)
         for _ in range(9):
             response.deliver(b"data: x\n\n")
             h.clock.advance(1)
@@ -324,9 +318,7 @@ class BackpressureTests(SynchronousTestCase):
     def test_pause_and_resume_reach_upstream(self) -> None:
         """Downstream pause/resume are relayed to the upstream body transport."""
         h = make_harness()
-        _proto, transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        _proto, transport, response = answered_stream(h)
         response.deliver(b"data: 1\n\n")
         h.clock.advance(0)
         client_buffer_full(transport)  # what the TCP transport does when its buffer fills
@@ -337,17 +329,13 @@ class BackpressureTests(SynchronousTestCase):
     def test_producer_registered_before_first_write(self) -> None:
         """The relay is the request's producer as soon as the body starts, before any write."""
         h = make_harness()
-        proto, _transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        proto, _transport, response = answered_stream(h)
         self.assertIs(proto._channel._requestProducer, response.protocol)
 
     def test_producer_unregistered_at_end(self) -> None:
         """After the response ends the relay is no longer the request's producer."""
         h = make_harness()
-        proto, _transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        proto, _transport, response = answered_stream(h)
         response.end()
         self.assertIsNone(proto._channel._requestProducer)
 
@@ -365,18 +353,14 @@ class CancellationTests(SynchronousTestCase):
     def test_gone_after_headers_before_body(self) -> None:
         """After headers: the body transport is stopped."""
         h = make_harness()
-        proto, _transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        proto, _transport, response = answered_stream(h)
         proto.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(response.socket.stopped)
 
     def test_gone_mid_stream(self) -> None:
         """Mid-stream: the body transport is stopped and nothing more is written."""
         h = make_harness()
-        proto, _transport = h.send(post(b"/v1/chat/completions", CHAT))
-        response = FakeResponse(200, SSE)
-        h.sent()[0].deferred.callback(response)
+        proto, _transport, response = answered_stream(h)
         response.deliver(b"data: 1\n\n")
         h.clock.advance(0)
         proto.connectionLost(Failure(ConnectionLost()))
