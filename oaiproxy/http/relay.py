@@ -195,7 +195,6 @@ class Relay(Protocol):
         request, response = self._request, self._response
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
-        out.removeHeader(b"server")
         for name, value in downstream_response_headers(response.headers):
             out.addRawHeader(name, value)
         if not out.hasHeader(b"x-request-id"):

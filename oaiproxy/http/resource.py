@@ -164,7 +164,6 @@ def write_error(request: server.Request, error: ProxyError) -> None:
     body = error.to_json()
     request.setResponseCode(error.status)
     headers = request.responseHeaders
-    headers.removeHeader(b"server")
     headers.setRawHeaders(b"content-type", [b"application/json"])
     headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
     headers.setRawHeaders(b"x-request-id", [request_id])
@@ -230,6 +229,9 @@ class ProxyResource(Resource):
 
     @override
     def render(self, request: server.Request) -> bytes | int:
+        # Twisted's Request.process sets "Server: TwistedWeb/…"; the proxy names no server,
+        # on its own answers and on relayed ones alike.
+        request.responseHeaders.removeHeader(b"server")
         try:
             return self._render(request)
         except ProxyError as error:
@@ -314,7 +316,6 @@ class ProxyResource(Resource):
     def _write_json(self, request: server.Request, status: int, obj: object) -> None:
         body = json.dumps(obj).encode("utf-8")
         request.setResponseCode(status)
-        request.responseHeaders.removeHeader(b"server")
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         request.responseHeaders.setRawHeaders(b"x-request-id", [_request_id(request)])
