@@ -6,7 +6,7 @@ failures onto the proxy's error tree.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet import error as ierror
@@ -33,7 +33,6 @@ from twisted.web._newclient import (
     ResponseNeverReceived,
 )
 from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from typing_extensions import override
 from zope.interface import implementer
@@ -47,6 +46,7 @@ from oaiproxy.errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
+from oaiproxy.http.chunked import ChunkedDecoder
 from oaiproxy.http.headers import upstream_request_headers
 from oaiproxy.http.nodelay import set_no_delay
 from oaiproxy.tls import upstream_tls_options
@@ -133,44 +133,8 @@ class _UpstreamEndpointFactory:
         return endpoint
 
 
-class _CoalescingChunkedDecoder(_ChunkedTransferDecoder):
-    """
-    Twisted's chunked decoder, delivering all the chunks of one read as one piece.
-
-    Upstreams send each SSE event as its own HTTP chunk; Twisted's decoder hands each to the
-    response separately, so a read of 50 events meant 50 trips through the relay. Parsing is
-    unchanged (Twisted's own code); only the callbacks are joined. Written against Twisted
-    26.10.0 (C{HTTPClientParser._transferDecoders} and C{_ChunkedTransferDecoder} are private).
-    """
-
-    def __init__(
-        self, dataCallback: Callable[[bytes], None], finishCallback: Callable[[bytes], None]
-    ) -> None:
-        self._parts: list[bytes] = []
-        self._deliver = dataCallback
-        super().__init__(self._parts.append, self._finish)
-        self._real_finish = finishCallback
-
-    def _flush(self) -> None:
-        if self._parts:
-            data = b"".join(self._parts)
-            self._parts.clear()
-            self._deliver(data)
-
-    def _finish(self, extra: bytes) -> None:
-        self._flush()
-        self._real_finish(extra)
-
-    @override
-    def dataReceived(self, data: bytes) -> None:
-        try:
-            super().dataReceived(data)
-        finally:
-            self._flush()
-
-
 class _ProxyClientProtocol(HTTP11ClientProtocol):
-    """Twisted's upstream HTTP/1.1 client protocol, with the coalescing chunked decoder."""
+    """Twisted's upstream HTTP/1.1 client protocol, with L{ChunkedDecoder} for chunked bodies."""
 
     @override
     def connectionMade(self) -> None:
@@ -188,7 +152,8 @@ class _ProxyClientProtocol(HTTP11ClientProtocol):
         return d
 
 
-_TRANSFER_DECODERS = {b"chunked": _CoalescingChunkedDecoder}
+# Written against Twisted 26.10.0: HTTPClientParser._transferDecoders is private.
+_TRANSFER_DECODERS = {b"chunked": ChunkedDecoder}
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):

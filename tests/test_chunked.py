@@ -1,0 +1,245 @@
+"""The chunked body decoder, alone and inside Twisted's upstream client protocol."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import Request, ResponseDone, ResponseFailed
+from twisted.web.http import _ChunkedTransferDecoder, _DataLoss, _MalformedChunkedDataError
+from twisted.web.http_headers import Headers
+
+from oaiproxy.http.chunked import (
+    MAX_SIZE_LINE,
+    MAX_TRAILERS,
+    ChunkedDecoder,
+    MalformedChunkedData,
+)
+from oaiproxy.http.forwarder import _ProxyClientProtocol
+
+
+def _decoder() -> tuple[ChunkedDecoder, list[bytes], list[bytes]]:
+    data: list[bytes] = []
+    finished: list[bytes] = []
+    return ChunkedDecoder(data.append, finished.append), data, finished
+
+
+def _encode(pieces: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+class ChunkedDecoderTests(SynchronousTestCase):
+    """Framing, delivery in one piece per read, limits and errors."""
+
+    def test_one_read_one_delivery(self) -> None:
+        """Three chunks in one read are delivered once, joined, in order."""
+        decoder, data, finished = _decoder()
+        decoder.dataReceived(b"3\r\nabc\r\n2\r\nde\r\n1\r\nf\r\n")
+        self.assertEqual(data, [b"abcdef"])
+        self.assertEqual(finished, [])
+
+    def test_split_reads(self) -> None:
+        """A chunk split across reads is delivered as its parts arrive."""
+        decoder, data, _ = _decoder()
+        decoder.dataReceived(b"6\r\nabc")
+        decoder.dataReceived(b"def\r\n")
+        self.assertEqual(data, [b"abc", b"def"])
+
+    def test_every_split_point(self) -> None:
+        """
+        A body cut into two reads at every possible point decodes to the same data; the
+        bytes after the end are those of the read in which the end was found.
+        """
+        body = _encode([b"hello", b"", b"x" * 20]).replace(b"0\r\n\r\n", b"") + (
+            b"a;name=value\r\n0123456789\r\n0\r\nx-t: 1\r\n\r\nEXTRA"
+        )
+        for cut in range(len(body) + 1):
+            decoder, data, finished = _decoder()
+            decoder.dataReceived(body[:cut])
+            if not finished:
+                decoder.dataReceived(body[cut:])
+            self.assertEqual(b"".join(data), b"hello" + b"x" * 20 + b"0123456789", cut)
+            end = len(body) - len(b"EXTRA")
+            self.assertEqual(finished, [body[end:] if cut < end else body[end:cut]], cut)
+
+    def test_same_as_twisted(self) -> None:
+        """
+        On random bodies cut into random reads, the data delivered and the extra bytes
+        reported equal what Twisted's own decoder gives.
+        """
+        rng = random.Random(1234)
+        for _ in range(200):
+            pieces = [rng.randbytes(rng.choice([1, 2, 15, 16, 17, 300])) for _ in range(8)]
+            ext = rng.choice([b"", b";a=b", b'; q="x y"'])
+            body = b"".join(b"%X%s\r\n%s\r\n" % (len(p), ext, p) for p in pieces)
+            body += b"0\r\n" + rng.choice([b"", b"t: v\r\n"]) + b"\r\n" + rng.randbytes(3)
+            cuts = sorted(rng.sample(range(1, len(body)), 5))
+            reads = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+            ours, ours_data, ours_end = _decoder()
+            theirs_data: list[bytes] = []
+            theirs_end: list[bytes] = []
+            theirs = _ChunkedTransferDecoder(theirs_data.append, theirs_end.append)
+            for read in reads:
+                if not ours_end:
+                    ours.dataReceived(read)
+                if not theirs_end:
+                    theirs.dataReceived(read)
+            self.assertEqual(b"".join(ours_data), b"".join(theirs_data))
+            self.assertEqual(ours_end, theirs_end)
+
+    def test_end_delivers_data_before_finish(self) -> None:
+        """Data read with the last chunk is delivered before the end is reported."""
+        order: list[str] = []
+        decoder = ChunkedDecoder(lambda d: order.append("data"), lambda e: order.append("end"))
+        decoder.dataReceived(b"2\r\nhi\r\n0\r\n\r\n")
+        self.assertEqual(order, ["data", "end"])
+
+    def test_hex_sizes(self) -> None:
+        """Sizes are hexadecimal, either case."""
+        decoder, data, finished = _decoder()
+        decoder.dataReceived(b"A\r\n0123456789\r\nb\r\n0123456789a\r\n0\r\n\r\n")
+        self.assertEqual(b"".join(data), b"01234567890123456789a")
+        self.assertEqual(finished, [b""])
+
+    def test_bad_size_rejected(self) -> None:
+        """A size that is not plain hex digits (sign, prefix, space, empty) is rejected."""
+        for line in [b"zz", b"-1", b"+1", b"0x1", b" 1", b"1 ", b"", b";ext"]:
+            decoder, _, _ = _decoder()
+            with self.assertRaises(MalformedChunkedData, msg=line):
+                decoder.dataReceived(line + b"\r\nx\r\n")
+
+    def test_good_chunks_delivered_before_error(self) -> None:
+        """Bad framing raises after delivering the good chunks before it."""
+        decoder, data, _ = _decoder()
+        with self.assertRaises(MalformedChunkedData):
+            decoder.dataReceived(b"2\r\nok\r\nzz\r\n")
+        self.assertEqual(data, [b"ok"])
+
+    def test_missing_crlf_after_data(self) -> None:
+        """Chunk data must be followed by CRLF, also when it arrives split."""
+        for reads in ([b"2\r\nokXX"], [b"2\r\nok\r", b"X"], [b"2\r\nok", b"\n\r"]):
+            decoder, _, _ = _decoder()
+            with self.assertRaises(MalformedChunkedData):
+                for read in reads:
+                    decoder.dataReceived(read)
+
+    def test_control_characters_in_extension(self) -> None:
+        """A chunk extension may not hold control characters."""
+        decoder, _, _ = _decoder()
+        with self.assertRaises(MalformedChunkedData):
+            decoder.dataReceived(b"1;a=\x00\r\nx\r\n")
+
+    def test_size_line_limit(self) -> None:
+        """A chunk-size line of 1,024 bytes or more is rejected, whole or in pieces."""
+        decoder, _, _ = _decoder()
+        decoder.dataReceived(b"1;" + b"a" * (MAX_SIZE_LINE - 3) + b"\r\nx\r\n")
+        decoder, _, _ = _decoder()
+        with self.assertRaises(MalformedChunkedData):
+            decoder.dataReceived(b"1;" + b"a" * (MAX_SIZE_LINE - 2) + b"\r\nx\r\n")
+        decoder, _, _ = _decoder()
+        with self.assertRaises(MalformedChunkedData):
+            for _ in range(MAX_SIZE_LINE + 1):
+                decoder.dataReceived(b"0")
+
+    def test_trailers_dropped_and_bounded(self) -> None:
+        """Trailer fields are discarded; more than 64 KiB of them is rejected."""
+        decoder, data, finished = _decoder()
+        decoder.dataReceived(b"1\r\nx\r\n0\r\nA: b\r\nC: d\r\n\r\n")
+        self.assertEqual((data, finished), ([b"x"], [b""]))
+        decoder, _, finished = _decoder()
+        with self.assertRaises(MalformedChunkedData):
+            decoder.dataReceived(b"0\r\n")
+            for _ in range(MAX_TRAILERS // 1000 + 1):
+                decoder.dataReceived(b"t" * 1000)
+        self.assertEqual(finished, [])
+
+    def test_trailer_line_bytes_not_buffered(self) -> None:
+        """A trailer line arriving a byte at a time is counted, not kept."""
+        decoder, _, finished = _decoder()
+        decoder.dataReceived(b"0\r\n")
+        for byte in b"name: value\r":
+            decoder.dataReceived(bytes([byte]))
+        self.assertLessEqual(len(decoder._partial), 1)
+        decoder.dataReceived(b"\n\r\n")
+        self.assertEqual(finished, [b""])
+
+    def test_no_data_after_end(self) -> None:
+        """Data after the last chunk is a programming error, as in Twisted's decoder."""
+        decoder, _, _ = _decoder()
+        decoder.dataReceived(b"0\r\n\r\n")
+        with self.assertRaises(RuntimeError):
+            decoder.dataReceived(b"x")
+
+    def test_no_more_data(self) -> None:
+        """The connection ending before the last chunk is data loss; after it, fine."""
+        decoder, _, _ = _decoder()
+        decoder.dataReceived(b"5\r\nab")
+        with self.assertRaises(_DataLoss):
+            decoder.noMoreData()
+        decoder, _, _ = _decoder()
+        decoder.dataReceived(b"0\r\n\r\n")
+        decoder.noMoreData()
+
+    def test_twisted_rejects_what_we_reject(self) -> None:
+        """The inputs rejected above are rejected by Twisted's decoder too (same limits)."""
+        for body in [b"zz\r\n", b"-1\r\n", b"1;a=\x00\r\nx\r\n", b"2\r\nokXX"]:
+            decoder = _ChunkedTransferDecoder(lambda d: None, lambda e: None)
+            with self.assertRaises(_MalformedChunkedDataError, msg=body):
+                decoder.dataReceived(body)
+
+
+class _Collect(Protocol):
+    def __init__(self) -> None:
+        self.reads: list[bytes] = []
+        self.ended: list[Failure] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reads.append(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        assert reason is not None
+        self.ended.append(reason)
+
+
+class ClientProtocolTests(SynchronousTestCase):
+    """The decoder is the one Twisted's client parser uses for upstream responses."""
+
+    def _response(self, head: bytes) -> tuple[Any, StringTransport, _Collect]:
+        transport = StringTransport()
+        protocol = _ProxyClientProtocol()
+        protocol.makeConnection(transport)
+        request = Request._construct(
+            b"GET", b"/v1/models", Headers({b"host": [b"up"]}), None, persistent=True
+        )
+        d = protocol.request(request)
+        protocol.dataReceived(head)
+        responses: list[Any] = []
+        d.addCallback(responses.append)
+        self.assertEqual(len(responses), 1)
+        body = _Collect()
+        responses[0].deliverBody(body)
+        return protocol, transport, body
+
+    def test_one_delivery_per_read(self) -> None:
+        """Every chunk of one upstream read reaches the body protocol as one piece."""
+        protocol, _, body = self._response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        protocol.dataReceived(b"6\r\ndata: \r\n2\r\n1\n\r\n1\r\n\n\r\n")
+        protocol.dataReceived(b"3\r\nend\r\n0\r\n\r\n")
+        self.assertEqual(body.reads, [b"data: 1\n\n", b"end"])
+        self.assertTrue(body.ended[0].check(ResponseDone))
+
+    def test_malformed_fails_the_response(self) -> None:
+        """Bad framing from the upstream fails the body with ResponseFailed."""
+        protocol, transport, body = self._response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        protocol.dataReceived(b"2\r\nok\r\nnot-hex\r\n")
+        self.assertEqual(body.reads, [b"ok"])
+        self.assertTrue(body.ended[0].check(ResponseFailed))
+        self.assertTrue(transport.disconnecting)
