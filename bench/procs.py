@@ -27,6 +27,7 @@ __all__ = [
     "nginx_worker_pid",
     "rss_kib",
     "source_version",
+    "start_floor",
     "start_mock",
     "start_nginx",
     "start_oaiproxy",
@@ -154,6 +155,14 @@ def start_oaiproxy(
     child = _spawn("oaiproxy", argv, workdir, _python_env())
     wait_for_port(http_port, proc=child.proc)
     wait_for_port(tls_port, proc=child.proc)
+    return child
+
+
+def start_floor(workdir: Path, mode: str, port: int, upstream_port: int) -> Child:
+    """A floor proxy of L{bench.floor} (C{raw}, C{web} or C{agent}) in front of the mock."""
+    argv = [sys.executable, "-m", "bench.floor", mode, str(port), str(upstream_port)]
+    child = _spawn(f"floor-{mode}", argv, workdir, _python_env())
+    wait_for_port(port, proc=child.proc)
     return child
 
 

@@ -1,0 +1,245 @@
+"""
+Floor proxies: the least a proxy built on Twisted can cost on this machine, measured beside
+oaiproxy in the same run so that its numbers can be read against what Twisted itself costs.
+
+None of them is a usable proxy. Each drops something oaiproxy must do:
+
+- C{raw}: a Twisted TCP byte relay. One upstream connection per client connection, bytes
+  copied both ways; no HTTP at all. What the reactor, the sockets and the kernel cost.
+- C{web}: a twisted.web C{Site} (the server oaiproxy uses) and a minimal upstream client:
+  persistent connections, the request written as one string, a response read only by its
+  C{Content-Length} (no chunked bodies, no validation, no deadlines, no failover). What
+  Twisted's HTTP/1.1 server costs. Non-streaming requests only.
+- C{agent}: a twisted.web C{Site} and Twisted's C{Agent} on a persistent pool, with the body
+  relayed as it arrives (no header filtering, no validation, no deadlines, no failover, no
+  backpressure). What Twisted's HTTP server and client cost together.
+
+Run: C{python -m bench.floor MODE LISTEN_PORT UPSTREAM_PORT}; it listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from twisted.web.resource import Resource
+
+__all__ = ["main"]
+
+reactor: Any = _reactor
+_HOP = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"te"}
+)
+
+
+# -- raw ---------------------------------------------------------------------------------
+
+
+class _RawUpstream(Protocol):
+    def __init__(self, down: _RawDownstream) -> None:
+        self.down = down
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.down.transport is not None
+        self.down.transport.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        if self.down.transport is not None:
+            self.down.transport.loseConnection()
+
+
+class _RawDownstream(Protocol):
+    up: _RawUpstream | None = None
+    upstream_port = 0
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.upstream_port)
+        d = endpoint.connect(Factory.forProtocol(lambda: _RawUpstream(self)))
+        d.addCallbacks(self._connected, lambda _: self.transport.loseConnection())
+
+    def _connected(self, up: _RawUpstream) -> None:
+        self.up = up
+        assert self.transport is not None
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.up is not None and self.up.transport is not None
+        self.up.transport.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.loseConnection()
+
+
+# -- web ---------------------------------------------------------------------------------
+
+
+class _LeanClient(Protocol):
+    """One request at a time; the response is read by its Content-Length only."""
+
+    def __init__(self, idle: list[_LeanClient]) -> None:
+        self._idle = idle
+        self._buffer = b""
+        self._done: Callable[[int, list[tuple[bytes, bytes]], bytes], None] | None = None
+
+    def send(
+        self, data: bytes, done: Callable[[int, list[tuple[bytes, bytes]], bytes], None]
+    ) -> None:
+        self._done = done
+        self._buffer = b""
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0 or self._done is None:
+            return
+        lines = self._buffer[:end].split(b"\r\n")
+        code = int(lines[0].split(b" ", 2)[1])
+        headers: list[tuple[bytes, bytes]] = []
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip()
+            headers.append((name, value))
+            if name == b"content-length":
+                length = int(value)
+        body = self._buffer[end + 4 :]
+        if len(body) < length:
+            return
+        done, self._done = self._done, None
+        self._idle.append(self)
+        done(code, headers, body[:length])
+
+
+class _WebResource(Resource):
+    isLeaf = True
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._port = upstream_port
+        self._idle: list[_LeanClient] = []
+
+    def render(self, request: server.Request) -> int:
+        assert request.content is not None
+        body = request.content.read()
+        head = b"".join(
+            b"%s: %s\r\n" % (name, values[0])
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            if name.lower() not in _HOP
+        )
+        data = b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n%s\r\n%s" % (
+            request.method,
+            request.uri,
+            len(body),
+            head,
+            body,
+        )
+
+        def done(code: int, headers: list[tuple[bytes, bytes]], payload: bytes) -> None:
+            request.setResponseCode(code)
+            for name, value in headers:
+                if name not in _HOP and name not in (b"date", b"server"):
+                    request.responseHeaders.addRawHeader(name, value)
+            request.write(payload)
+            request.finish()
+
+        if self._idle:
+            self._idle.pop().send(data, done)
+        else:
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self._port)
+            d = endpoint.connect(Factory.forProtocol(lambda: _LeanClient(self._idle)))
+
+            def connected(client: Any) -> None:
+                client.send(data, done)
+
+            d.addCallback(connected)
+        return server.NOT_DONE_YET
+
+
+# -- agent -------------------------------------------------------------------------------
+
+
+class _BodyRelay(Protocol):
+    def __init__(self, request: server.Request) -> None:
+        self._request = request
+
+    def dataReceived(self, data: bytes) -> None:
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        self._request.finish()
+
+
+class _AgentResource(Resource):
+    isLeaf = True
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 256
+        self._agent = Agent(reactor, pool=pool)
+        self._base = b"http://127.0.0.1:%d" % upstream_port
+
+    def render(self, request: server.Request) -> int:
+        assert request.content is not None
+        headers = Headers()
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            if name.lower() not in _HOP:
+                headers.setRawHeaders(name, values)
+        request.content.seek(0)
+        producer = FileBodyProducer(request.content)
+        d: Deferred[IResponse] = self._agent.request(
+            request.method, self._base + request.uri, headers, producer
+        )
+
+        def got(response: IResponse) -> None:
+            request.setResponseCode(response.code)
+            for name, values in response.headers.getAllRawHeaders():
+                if name.lower() not in _HOP:
+                    request.responseHeaders.setRawHeaders(name, values)
+            response.deliverBody(_BodyRelay(request))
+
+        def failed(reason: Failure) -> None:
+            request.setResponseCode(502)
+            request.finish()
+
+        d.addCallbacks(got, failed)
+        return server.NOT_DONE_YET
+
+
+def main(argv: list[str]) -> None:
+    """Run the floor proxy C{argv[0]} on port C{argv[1]} in front of port C{argv[2]}."""
+    mode, listen, upstream = argv[0], int(argv[1]), int(argv[2])
+    factory: Any
+    if mode == "raw":
+        _RawDownstream.upstream_port = upstream
+        factory = Factory.forProtocol(_RawDownstream)
+    elif mode in ("web", "agent"):
+        resource = _WebResource(upstream) if mode == "web" else _AgentResource(upstream)
+        # As oaiproxy's site: request bodies are not parsed as forms.
+        site = server.Site(resource, parsePOSTFormSubmission=False)
+        site.log = lambda request: None  # type: ignore[method-assign]
+        site.noisy = False
+        factory = site
+    else:
+        raise SystemExit(f"unknown floor mode {mode!r}: raw, web or agent")
+    TCP4ServerEndpoint(reactor, listen, backlog=511, interface="127.0.0.1").listen(factory)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
