@@ -53,6 +53,9 @@ config = ProxyConfig(
         max_body_bytes=32 * 1024 * 1024,  # request bodies over this get 413
         stream_high_water=256 * 1024,  # bytes queued per client stream before pausing upstream
         client_idle_timeout=60.0,  # seconds an idle client connection stays open
+        header_timeout=30.0,  # seconds to send a request head, from its first byte (408)
+        max_headers=100,  # header fields allowed in a request head (431 above)
+        max_header_bytes=32 * 1024,  # bytes allowed in a request head (431 above)
         max_attempts=3,  # upstreams tried before answering 502 (only before the first byte)
         upstream_connections=256,  # idle keep-alive connections kept per upstream
     ),

@@ -67,7 +67,12 @@ class Limits:
         base64 are large).
     @ivar stream_high_water: bytes of response a single downstream stream may have queued in
         the proxy before the upstream read is paused (resumed below half of it).
-    @ivar client_idle_timeout: seconds an idle client connection is kept open.
+    @ivar client_idle_timeout: seconds an idle client connection is kept open; a request
+        whose body stops arriving for this long gets 408 (HTTP/1.1).
+    @ivar header_timeout: seconds from the first byte of an HTTP/1.1 request head to its end
+        (408 after that: slowloris).
+    @ivar max_headers: header fields allowed in an HTTP/1.1 request head (431 above).
+    @ivar max_header_bytes: bytes allowed in an HTTP/1.1 request head (431 above).
     @ivar max_attempts: upstreams tried for one request before giving up (failover bound).
     @ivar upstream_connections: idle persistent connections kept per upstream.
     """
@@ -75,6 +80,9 @@ class Limits:
     max_body_bytes: int = 32 * MiB
     stream_high_water: int = 256 * 1024
     client_idle_timeout: float = 60.0
+    header_timeout: float = 30.0
+    max_headers: int = 100
+    max_header_bytes: int = 32 * 1024
     max_attempts: int = 3
     upstream_connections: int = 256
 
@@ -85,6 +93,12 @@ class Limits:
             raise ConfigError("stream_high_water must be at least 16384 bytes")
         if not self.client_idle_timeout > 0:
             raise ConfigError("client_idle_timeout must be positive")
+        if not self.header_timeout > 0:
+            raise ConfigError("header_timeout must be positive")
+        if self.max_headers < 1:
+            raise ConfigError("max_headers must be at least 1")
+        if self.max_header_bytes < 1024:
+            raise ConfigError("max_header_bytes must be at least 1024")
         if self.max_attempts < 1:
             raise ConfigError("max_attempts must be at least 1")
         if self.upstream_connections < 1:

@@ -70,6 +70,21 @@ class InvalidJSON(InvalidRequest):
     code = "invalid_json"
 
 
+class HeadersTooLarge(InvalidRequest):
+    """The request head has too many header fields, or too many bytes (HTTP/1.1)."""
+
+    status = 431
+    code = "request_header_fields_too_large"
+
+
+class RequestTimeout(ProxyError):
+    """The client did not send its request head, or the rest of its body, in time."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class NotFound(ProxyError):
     """No such route on this proxy."""
 

@@ -126,6 +126,9 @@ def build_site(
         reactor,
         stream_high_water=config.limits.stream_high_water,
         idle_timeout=config.limits.client_idle_timeout,
+        max_headers=config.limits.max_headers,
+        max_header_bytes=config.limits.max_header_bytes,
+        header_timeout=config.limits.header_timeout,
         requestFactory=request_factory(config.limits.max_body_bytes),
     )
 

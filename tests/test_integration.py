@@ -147,6 +147,20 @@ def _check_stream(test: TestCase, chunks: list[ChatCompletionChunk]) -> None:
     test.assertEqual((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens), _USAGE)
 
 
+async def _raw_exchange(port: int, data: bytes) -> bytes:
+    """Send C{data} on a new socket to the proxy, and read until the proxy closes it."""
+
+    def call() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), 30) as sock:
+            sock.sendall(data)
+            parts = [sock.recv(65536)]
+            while parts[-1]:
+                parts.append(sock.recv(65536))
+            return b"".join(parts)
+
+    return await _in_thread(call)
+
+
 class OpenAISDKTests(TestCase):
     """The official openai SDK through the proxy, over HTTP/1.1 and over HTTP/2 with TLS."""
 
@@ -715,6 +729,27 @@ class LocalAnswerTests(TestCase):
         self.assertEqual(response.json(), {"status": "ok"})
         self.assert_not_forwarded()
 
+    async def test_smuggling_refused_as_json(self) -> None:
+        """
+        Content-Length with Transfer-Encoding, over a real socket: a JSON 400 with a request
+        id, the connection closed, and neither request reaches the upstream.
+        """
+        proxy = start_proxy(self, [self.mock.upstream()])
+
+        raw = await _raw_exchange(
+            proxy.http_port,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
+            b"Content-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n",
+        )
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+        self.assertIn(b"x-request-id: ", head.lower())
+        error = json.loads(body)["error"]
+        self.assertEqual(set(error), _ERROR_KEYS)
+        self.assertEqual(error["code"], "invalid_request")
+        self.assert_not_forwarded()
+
 
 class BodyCapTests(TestCase):
     """Request bodies over max_body_bytes, however they are framed, are answered 413."""
@@ -768,19 +803,12 @@ class BodyCapTests(TestCase):
     async def test_http11_413_before_body(self) -> None:
         """A Content-Length over the cap is answered 413 (and closed) before any body is sent."""
 
-        def call() -> bytes:
-            with socket.create_connection(("127.0.0.1", self.proxy.http_port), 30) as sock:
-                sock.sendall(
-                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
-                    b"Content-Type: application/json\r\nContent-Length: 2000\r\n\r\n"
-                )
-                # Read to the end: the proxy answers without waiting and closes.
-                parts = [sock.recv(65536)]
-                while parts[-1]:
-                    parts.append(sock.recv(65536))
-                return b"".join(parts)
-
-        raw = await _in_thread(call)
+        # Read to the end: the proxy answers without waiting for a body, and closes.
+        raw = await _raw_exchange(
+            self.proxy.http_port,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 2000\r\n\r\n",
+        )
         head, _, body = raw.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
         self.assertIn(b"connection: close", head.lower())

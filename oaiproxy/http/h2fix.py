@@ -50,6 +50,13 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 from typing_extensions import override
 
+from oaiproxy.http.h1 import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_HEADERS,
+    ProxyHTTPChannel,
+)
+
 __all__ = [
     "DEFAULT_STREAM_HIGH_WATER",
     "ProxyH2Connection",
@@ -439,6 +446,9 @@ class ProxySite(Site):
         *,
         stream_high_water: int = DEFAULT_STREAM_HIGH_WATER,
         idle_timeout: float = 60.0,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         """
@@ -448,6 +458,9 @@ class ProxySite(Site):
             paused; see L{ProxyH2Connection}.
         @param idle_timeout: seconds without traffic before a connection is closed; an HTTP/2
             connection whose streams are all waiting on this server is kept.
+        @param max_headers: passed to each L{ProxyHTTPChannel} (HTTP/1.1).
+        @param max_header_bytes: passed to each L{ProxyHTTPChannel}.
+        @param header_timeout: passed to each L{ProxyHTTPChannel}.
         @param kwargs: passed to L{Site} (e.g. C{requestFactory}).
         @raise ValueError: if C{stream_high_water} or C{idle_timeout} is not positive.
         """
@@ -459,11 +472,17 @@ class ProxySite(Site):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, timeout=idle_timeout, reactor=reactor, **kwargs)
         self.stream_high_water = stream_high_water
+        self._h1_options: dict[str, Any] = {
+            "max_headers": max_headers,
+            "max_header_bytes": max_header_bytes,
+            "header_timeout": header_timeout,
+        }
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> ProxyHTTPChannelSwitch:
         """A switch over a fresh L{HTTPChannel}, set up as Twisted's L{Site} does."""
-        protocol = ProxyHTTPChannelSwitch(HTTPChannel(), self.reactor, self.stream_high_water)
+        channel = ProxyHTTPChannel(self.reactor, **self._h1_options)
+        protocol = ProxyHTTPChannelSwitch(channel, self.reactor, self.stream_high_water)
         protocol.factory = self
         protocol.callLater = self.reactor.callLater
         protocol.timeOut = self.timeOut

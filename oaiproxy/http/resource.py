@@ -5,9 +5,7 @@ request, and the one place where a L{ProxyError} becomes an OpenAI-shaped JSON r
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred
@@ -28,6 +26,7 @@ from oaiproxy.errors import (
     NotFound,
     ProxyError,
 )
+from oaiproxy.http.early import early_error_response, new_request_id
 from oaiproxy.http.exchange import Exchange
 from oaiproxy.http.forwarder import Forwarder
 from oaiproxy.http.headers import is_valid_value
@@ -37,10 +36,6 @@ __all__ = ["ProxyRequest", "ProxyResource", "request_factory", "write_error"]
 log = Logger()
 
 _REQUEST_ID_MAX = 200
-# Request ids: a random per-process prefix and a counter, 32 hex digits like a UUID, unique
-# without a getrandom() call per request.
-_ID_PREFIX = os.urandom(8).hex()
-_ID_COUNTER = itertools.count(1)
 # Printable ASCII without space: what a request target may hold once written as HTTP/1.1.
 _TARGET_OK = frozenset(range(0x21, 0x7F))
 
@@ -107,16 +102,8 @@ class ProxyRequest(server.Request):
         transport = getattr(channel, "transport", None)
         if transport is not None and hasattr(channel, "_networkProducer"):
             # HTTP/1.1: answer now and close, rather than read a body we will not use.
-            request_id = _request_id(self)
             error = _too_large_error(self.max_body_bytes)
-            body = error.to_json()
-            transport.write(
-                b"HTTP/1.1 413 Request Entity Too Large\r\n"
-                b"content-type: application/json\r\n"
-                b"content-length: %d\r\n"
-                b"x-request-id: %s\r\n"
-                b"connection: close\r\n\r\n%s" % (len(body), request_id, body)
-            )
+            transport.write(early_error_response(error, _request_id(self)))
             transport.loseConnection()
             self.answered_early = True
 
@@ -139,7 +126,7 @@ def _request_id(request: server.Request) -> bytes:
     if given and 0 < len(given[0]) <= _REQUEST_ID_MAX and all(c in _TARGET_OK for c in given[0]):
         request_id = given[0]
     else:
-        request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):016x}".encode("ascii")
+        request_id = new_request_id()
     request._oaiproxy_request_id = request_id  # type: ignore[attr-defined]
     return request_id
 

@@ -202,6 +202,9 @@ def make_harness(
         clock,
         stream_high_water=limits.stream_high_water,
         idle_timeout=limits.client_idle_timeout,
+        max_headers=limits.max_headers,
+        max_header_bytes=limits.max_header_bytes,
+        header_timeout=limits.header_timeout,
         requestFactory=request_factory(limits.max_body_bytes),
     )
     return ProxyHarness(clock, agents, site)

@@ -1,0 +1,239 @@
+"""HTTP/1.1 requests refused before they are forwarded: OpenAI-shaped JSON, then close."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from oaiproxy.config import Limits
+from tests.support.fakes import ProxyHarness, make_harness, parse_response, post
+
+_BODY = b'{"model":"m","messages":[]}'
+
+
+class RefusalTests(SynchronousTestCase):
+    """Malformed or oversized heads get a JSON error, a request id and a closed connection."""
+
+    def setUp(self) -> None:
+        self.harness = make_harness(limits=Limits(max_headers=10, max_header_bytes=2048))
+
+    def refused(
+        self, raw: bytes, status: int, code: str, harness: ProxyHarness | None = None
+    ) -> dict[str, Any]:
+        """Send C{raw}; assert the answer and that nothing went upstream."""
+        harness = harness or self.harness
+        _, transport = harness.send(raw)
+        return self.assert_refused(transport, status, code, harness)
+
+    def assert_refused(
+        self, transport: StringTransport, status: int, code: str, harness: ProxyHarness
+    ) -> dict[str, Any]:
+        got, headers, body = parse_response(transport.value())
+        self.assertEqual(got, status, transport.value()[:300])
+        self.assertEqual(headers[b"content-type"], [b"application/json"])
+        self.assertEqual(len(headers[b"x-request-id"][0]), 32)
+        self.assertEqual(headers[b"connection"], [b"close"])
+        error = json.loads(body)["error"]
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertEqual((error["type"], error["code"]), ("invalid_request_error", code))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(harness.sent(), [])
+        return dict(error)
+
+    def test_valid_request_forwarded(self) -> None:
+        """The baseline: a valid request goes upstream (so the refusals below mean something)."""
+        self.harness.send(post(b"/v1/chat/completions", _BODY))
+        self.assertEqual(len(self.harness.sent()), 1)
+
+    def test_malformed_request_line(self) -> None:
+        """A request line that is not METHOD TARGET VERSION."""
+        self.refused(b"GET /v1/models\r\nHost: x\r\n\r\n", 400, "invalid_request")
+
+    def test_header_without_colon(self) -> None:
+        """A header line without a colon."""
+        self.refused(b"GET /v1/models HTTP/1.1\r\nHost x\r\n\r\n", 400, "invalid_request")
+
+    def test_nul_in_header_value(self) -> None:
+        """NUL in a header value."""
+        self.refused(
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400, "invalid_request"
+        )
+
+    def test_obs_fold(self) -> None:
+        """Obsolete line folding is refused, not unfolded as Twisted would."""
+        error = self.refused(
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: a\r\n  continued\r\n\r\n",
+            400,
+            "invalid_request",
+        )
+        self.assertIn("folding", error["message"])
+
+    def test_content_length_and_transfer_encoding(self) -> None:
+        """Both framings at once (request smuggling's classic)."""
+        raw = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+        self.refused(raw, 400, "invalid_request")
+
+    def test_transfer_encoding_identity(self) -> None:
+        """C{identity} is no transfer coding (RFC 9112); Twisted would ignore it."""
+        raw = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+        )
+        self.refused(raw, 400, "invalid_request")
+
+    def test_transfer_encoding_list(self) -> None:
+        """A list of codings, even ending in chunked, is refused."""
+        raw = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
+        )
+        self.refused(raw, 400, "invalid_request")
+
+    def test_bad_content_lengths(self) -> None:
+        """Duplicate, signed, hex or empty Content-Length."""
+        for value in [b"5\r\nContent-Length: 5", b"+5", b"0x5", b"-1", b"", b"5, 5"]:
+            harness = make_harness()
+            raw = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n"
+            self.refused(raw % value + b"hello", 400, "invalid_request", harness)
+
+    def test_chunked_body_accepted(self) -> None:
+        """Transfer-Encoding: chunked alone is fine (any case)."""
+        raw = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n"
+            b"\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(_BODY), _BODY)
+        )
+        self.harness.send(raw)
+        self.assertEqual([s.body for s in self.harness.sent()], [_BODY])
+
+    def test_too_many_headers(self) -> None:
+        """More header fields than max_headers: 431."""
+        extra = b"".join(b"X-H%d: v\r\n" % i for i in range(10))
+        self.refused(
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n%s\r\n" % extra,
+            431,
+            "request_header_fields_too_large",
+        )
+
+    def test_max_headers_allowed(self) -> None:
+        """Exactly max_headers header fields is fine."""
+        extra = b"".join(b"X-H%d: v\r\n" % i for i in range(9))
+        self.harness.send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n%s\r\n" % extra)
+        self.assertEqual(len(self.harness.sent()), 1)
+
+    def test_head_too_large(self) -> None:
+        """A head over max_header_bytes in many lines: 431."""
+        extra = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 400) for i in range(6))
+        self.refused(
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n%s\r\n" % extra,
+            431,
+            "request_header_fields_too_large",
+        )
+
+    def test_one_line_too_long(self) -> None:
+        """One line over max_header_bytes (Twisted would close without a word): 431."""
+        self.refused(
+            b"GET /v1/models HTTP/1.1\r\nX-Long: %s\r\n\r\n" % (b"v" * 3000),
+            431,
+            "request_header_fields_too_large",
+        )
+
+    def test_one_line_too_long_no_end(self) -> None:
+        """A line over the limit is refused before its end arrives."""
+        _, transport = self.harness.send(b"GET /v1/models HTTP/1.1\r\nX-Long: " + b"v" * 3000)
+        self.assert_refused(transport, 431, "request_header_fields_too_large", self.harness)
+
+    def test_nothing_read_after_refusal(self) -> None:
+        """Bytes after a refused head (a smuggled request) are ignored."""
+        proto, transport = self.harness.send(
+            b"GET /v1/models HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n"
+            + post(b"/v1/chat/completions", _BODY)
+        )
+        proto.dataReceived(post(b"/v1/chat/completions", _BODY))
+        self.assert_refused(transport, 400, "invalid_request", self.harness)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+
+
+class SlowClientTests(SynchronousTestCase):
+    """Heads and bodies that arrive too slowly get 408; idle connections just close."""
+
+    def setUp(self) -> None:
+        self.harness = make_harness(limits=Limits(header_timeout=10.0, client_idle_timeout=60.0))
+        self.clock = self.harness.clock
+
+    def status(self, transport: StringTransport) -> tuple[int, dict[str, Any]]:
+        status, _, body = parse_response(transport.value())
+        return status, json.loads(body)["error"]
+
+    def test_slowloris(self) -> None:
+        """A head trickled a byte at a time (never idle) is cut at header_timeout with 408."""
+        proto, transport = self.harness.connect()
+        raw = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        for byte in raw[:25]:
+            proto.dataReceived(bytes([byte]))
+            self.clock.advance(0.39)
+        self.assertEqual(transport.value(), b"")
+        for byte in raw[25:]:
+            proto.dataReceived(bytes([byte]))
+            self.clock.advance(0.39)
+            if transport.value():
+                break
+        status, error = self.status(transport)
+        self.assertEqual((status, error["code"]), (408, "request_timeout"))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.harness.sent(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_head_in_time(self) -> None:
+        """A head completed just inside header_timeout is served."""
+        proto, _ = self.harness.connect()
+        raw = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+        proto.dataReceived(raw[:5])
+        self.clock.advance(9.9)
+        proto.dataReceived(raw[5:])
+        self.clock.advance(1)
+        self.assertEqual(len(self.harness.sent()), 1)
+
+    def test_deadline_per_request_head(self) -> None:
+        """Time on a keep-alive connection between requests does not count against a head."""
+        proto, transport = self.harness.connect()
+        proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.clock.advance(50)
+        proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 "), 2)
+        self.assertFalse(transport.disconnecting)
+
+    def test_slow_body(self) -> None:
+        """A body that stops arriving for the idle timeout gets 408."""
+        proto, transport = self.harness.connect()
+        raw = post(b"/v1/chat/completions", _BODY)
+        proto.dataReceived(raw[:-5])
+        self.clock.advance(59)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(2)
+        status, error = self.status(transport)
+        self.assertEqual((status, error["code"]), (408, "request_timeout"))
+        self.assertEqual(self.harness.sent(), [])
+
+    def test_idle_keepalive_closed_silently(self) -> None:
+        """An idle keep-alive connection is closed without an answer."""
+        proto, transport = self.harness.connect()
+        proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        transport.clear()
+        self.clock.advance(61)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+    def test_waiting_on_upstream_not_timed_out(self) -> None:
+        """A request waiting on its upstream is not cut by the idle or head deadlines."""
+        proto, transport = self.harness.connect()
+        proto.dataReceived(post(b"/v1/chat/completions", _BODY))
+        self.assertEqual(len(self.harness.sent()), 1)
+        self.clock.advance(120)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
