@@ -297,12 +297,6 @@ class Bench:
                 f"{child.name}: {log.count('Traceback')} tracebacks, "
                 f"{log.count('Unhandled')} 'Unhandled' lines, {len(log.splitlines())} log lines"
             )
-            if child is self.proxy:
-                self.notes["logs"].append(
-                    "oaiproxy opened "
-                    f"{log.count('Starting factory _HTTP11ClientFactory')} upstream connections "
-                    "in the whole run"
-                )
 
     @property
     def _nginx_worker(self) -> int | None:

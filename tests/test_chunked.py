@@ -133,6 +133,19 @@ class ChunkedDecoderTests(SynchronousTestCase):
         with self.assertRaises(MalformedChunkedData):
             decoder.dataReceived(b"1;a=\x00\r\nx\r\n")
 
+    def test_backslash_in_extension(self) -> None:
+        """
+        A quoted-pair in a chunk extension is accepted (RFC 9112), unlike Twisted, whose
+        extension characters leave out the backslash: the one deliberate difference.
+        """
+        body = b'1;a="x\\"y"\r\nz\r\n0\r\n\r\n'
+        decoder, data, finished = _decoder()
+        decoder.dataReceived(body)
+        self.assertEqual((data, finished), ([b"z"], [b""]))
+        twisted = _ChunkedTransferDecoder(lambda d: None, lambda e: None)
+        with self.assertRaises(_MalformedChunkedDataError):
+            twisted.dataReceived(body)
+
     def test_size_line_limit(self) -> None:
         """A chunk-size line of 1,024 bytes or more is rejected, whole or in pieces."""
         decoder, _, _ = _decoder()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import Limits
@@ -102,6 +104,45 @@ class RefusalTests(SynchronousTestCase):
             raw = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n"
             self.refused(raw % value + b"hello", 400, "invalid_request", harness)
 
+    def test_huge_content_length(self) -> None:
+        """A Content-Length of thousands of digits (past int()'s limit) is a 400, not a crash."""
+        raw = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n"
+        self.refused(raw % (b"9" * 1500), 400, "invalid_request")
+
+    def test_chunked_in_http10(self) -> None:
+        """Chunked framing in an HTTP/1.0 request is faulty framing (RFC 9112 section 6.1)."""
+        raw = (
+            b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(_BODY), _BODY)
+        )
+        self.refused(raw, 400, "invalid_request")
+
+    def test_malformed_chunked_body(self) -> None:
+        """A chunked request body with bad framing is a JSON 400, not forwarded."""
+        raw = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n5\r\n{}{}{XX\r\n"
+        )
+        self.refused(raw, 400, "invalid_request")
+
+    def test_chunked_body_trailers_bounded(self) -> None:
+        """Request trailers a byte at a time are counted, not rescanned; 64 KiB is the cap."""
+        proto, transport = self.harness.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n1\r\n{\r\n0\r\n"
+        )
+        for _ in range(70):
+            proto.dataReceived(b"t" * 1000)
+        self.assert_refused(transport, 400, "invalid_request", self.harness)
+
+    def test_refused_connection_aborted_if_not_closed(self) -> None:
+        """A refused connection that does not close (peer not reading) is aborted later."""
+        _, transport = self.harness.send(b"GET /v1/models HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        self.harness.clock.advance(15)
+        self.assertTrue(transport.disconnected)
+
     def test_chunked_body_accepted(self) -> None:
         """Transfer-Encoding: chunked alone is fine (any case)."""
         raw = (
@@ -187,6 +228,9 @@ class SlowClientTests(SynchronousTestCase):
         self.assertEqual((status, error["code"]), (408, "request_timeout"))
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.harness.sent(), [])
+        # Only the abort timer is left, and the connection closing cancels it.
+        self.assertEqual([c.func.__name__ for c in self.clock.getDelayedCalls()], ["_abort"])  # type: ignore[attr-defined]
+        proto.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_head_in_time(self) -> None:
@@ -207,6 +251,39 @@ class SlowClientTests(SynchronousTestCase):
         proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(transport.value().count(b"HTTP/1.1 200 "), 2)
         self.assertFalse(transport.disconnecting)
+
+    def test_blank_line_between_requests(self) -> None:
+        """An empty line after a request is ignored: no 408 later, just the idle close."""
+        proto, transport = self.harness.connect()
+        proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        proto.dataReceived(b"\r\n")
+        transport.clear()
+        self.clock.advance(11)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(50)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+    def test_partial_head_after_answered_request(self) -> None:
+        """A partial head read together with a request answered at once has its deadline."""
+        proto, transport = self.harness.connect()
+        proto.dataReceived(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nX-Slow: a"
+        )
+        transport.clear()
+        self.clock.advance(11)
+        status, error = self.status(transport)
+        self.assertEqual((status, error["code"]), (408, "request_timeout"))
+
+    def test_partial_request_line(self) -> None:
+        """A request line that never ends gets 408 at header_timeout."""
+        proto, transport = self.harness.connect()
+        proto.dataReceived(b"GET /v1/mod")
+        self.clock.advance(5)
+        proto.dataReceived(b"els")
+        self.clock.advance(5.1)
+        status, error = self.status(transport)
+        self.assertEqual((status, error["code"]), (408, "request_timeout"))
 
     def test_slow_body(self) -> None:
         """A body that stops arriving for the idle timeout gets 408."""

@@ -6,8 +6,10 @@ Upstreams send each SSE event as its own HTTP chunk. Twisted's C{_ChunkedTransfe
 walks a state machine per chunk (a C{getattr} dispatch per state, a C{bytearray} delete and
 a per-byte hex check), which was about 70% of the proxy's CPU when relaying small events;
 this loop does the same checks with C{bytes.find} and C{bytes.translate}. Its limits are
-Twisted's (26.10.0): a chunk-size line under 1,024 bytes, 64 KiB of trailers (discarded),
-hex digits only in a chunk size, no control characters in chunk extensions.
+Twisted's (26.10.0): a chunk-size line under 1,024 bytes, 64 KiB of trailers (counted and
+discarded, never buffered), hex digits only in a chunk size, no control characters in chunk
+extensions. One difference, on purpose: a backslash in an extension is accepted (RFC 9112
+allows it in a quoted string), where Twisted's list of extension characters leaves it out.
 
 It is plugged into Twisted's C{HTTPClientParser} (see L{oaiproxy.http.forwarder}), so it
 keeps that parser's decoder interface: C{dataReceived}, C{noMoreData} raising Twisted's

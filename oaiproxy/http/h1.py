@@ -11,16 +11,22 @@ do better (see C{shared/BAD-INPUTS.md}), and must refuse what would let a client
 upstream read one message two ways:
 
 - a malformed head (request line, header syntax, CR/LF/NUL in a value, both Content-Length
-  and Transfer-Encoding, a duplicate, signed or hex Content-Length) gets 400 as JSON, and the
-  connection is closed; so does obsolete line folding, and any Transfer-Encoding other than
-  C{chunked} (Twisted accepts folding and C{identity});
+  and Transfer-Encoding, a duplicate, signed, hex or over-long Content-Length) gets 400 as
+  JSON, and the connection is closed; so do obsolete line folding, any Transfer-Encoding
+  other than C{chunked}, and chunked in an HTTP/1.0 request (Twisted accepts all three), and
+  a malformed chunked body;
 - more than C{max_headers} header fields, or a head over C{max_header_bytes}, gets 431;
 - a head not complete C{header_timeout} seconds after its first byte (slowloris), or a body
   that stops arriving for the idle timeout, gets 408.
 
+Chunked request bodies are decoded by L{ChunkedDecoder}, as upstream bodies are. After a
+refusal the connection is aborted if it has not closed within C{abortTimeout} (a peer that
+does not read cannot hold it).
+
 Nothing refused here reaches the resource, so nothing is forwarded upstream. Written against
-Twisted 26.10.0: it overrides C{HTTPChannel._respondToBadRequestAndDisconnect} and reads
-C{_handlingRequest}, C{_receivedHeaderSize} and C{_receivedHeaderCount}, which are private.
+Twisted 26.10.0: it overrides C{HTTPChannel._respondToBadRequestAndDisconnect}, sets
+C{_transferDecoder}, and reads C{_handlingRequest}, C{_version}, C{_receivedHeaderSize},
+C{_receivedHeaderCount} and C{LineReceiver._buffer}, which are private.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from twisted.web.http import HTTPChannel
 from typing_extensions import override
 
 from oaiproxy.errors import HeadersTooLarge, InvalidRequest, ProxyError, RequestTimeout
+from oaiproxy.http.chunked import ChunkedDecoder, MalformedChunkedData
 from oaiproxy.http.early import early_error_response, new_request_id
 
 __all__ = [
@@ -76,8 +83,11 @@ class ProxyHTTPChannel(HTTPChannel):
         self.MAX_LENGTH = max_header_bytes
         self._header_timeout = header_timeout
         self._head_deadline: IDelayedCall | None = None
-        # Whether part of a request (head or body) has arrived and its end has not.
-        self._receiving = False
+        self._abort_call: IDelayedCall | None = None
+        # Between the first line of a request head and its end; between its end and the
+        # end of its body.
+        self._in_head = False
+        self._in_body = False
         self._refused = False
 
     # -- the head deadline --------------------------------------------------------------
@@ -86,19 +96,34 @@ class ProxyHTTPChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
-        if not self._handlingRequest:
-            self._receiving = True
-            if self.line_mode and self._head_deadline is None:
-                self._head_deadline = self._reactor.callLater(
-                    self._header_timeout, self._head_too_slow
-                )
         super().dataReceived(data)
+        if self._partial_line() and self._head_deadline is None and not self._refused:
+            # The first bytes of a head whose first line has not ended yet.
+            self._arm_head_deadline()
+
+    def _partial_line(self) -> bool:
+        """Whether part of a request line waits in the line buffer (not a lone CRLF)."""
+        return (
+            bool(self.line_mode)
+            and not self._handlingRequest
+            and bool(self._buffer.strip(b"\r\n"))  # LineReceiver's (private) buffer
+        )
+
+    def _arm_head_deadline(self) -> None:
+        self._head_deadline = self._reactor.callLater(self._header_timeout, self._head_too_slow)
 
     @override
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
             return
-        if line[:1] in (b" ", b"\t"):
+        if not self._in_head:
+            if line:
+                # The first line of a head (an empty line between requests is ignored, as
+                # RFC 9112 section 2.2 allows and Twisted does).
+                self._in_head = True
+                if self._head_deadline is None:
+                    self._arm_head_deadline()
+        elif line[:1] in (b" ", b"\t"):
             # Obsolete line folding (RFC 9112 section 5.2): a server must reject it or
             # unfold it; unfolding is how one message gets read two ways.
             self._refuse(InvalidRequest("obsolete line folding in a request header"))
@@ -108,24 +133,47 @@ class ProxyHTTPChannel(HTTPChannel):
     @override
     def headerReceived(self, line: bytes) -> bool:
         name, sep, value = line.partition(b":")
-        if (
-            sep
-            and name.lower() == b"transfer-encoding"
-            and value.strip(b" \t").lower() != b"chunked"
-        ):
-            self._refuse(InvalidRequest("the only transfer coding accepted is chunked"))
+        name = name.lower()
+        value = value.strip(b" \t")
+        if sep and name == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                self._refuse(InvalidRequest("the only transfer coding accepted is chunked"))
+                return False
+            if self._version != b"HTTP/1.1":
+                # RFC 9112 section 6.1: faulty framing in an HTTP/1.0 message.
+                self._refuse(InvalidRequest("chunked transfer coding needs HTTP/1.1"))
+                return False
+        if sep and name == b"content-length" and not (value.isdigit() and len(value) <= 18):
+            # Twisted's int() of a 5,000-digit value raises past its own error handling.
+            self._refuse(InvalidRequest("invalid Content-Length"))
             return False
         ok: bool = super().headerReceived(line)
+        if ok and sep and name == b"transfer-encoding":
+            # Chunked request bodies are parsed like upstream ones: one loop per read, and
+            # trailers counted rather than buffered and rescanned (Twisted's decoder is
+            # quadratic on trailers sent a byte at a time).
+            self._transferDecoder = ChunkedDecoder(
+                self.requests[-1].handleContentChunk, self._finishRequestBody
+            )
         return ok
+
+    @override
+    def rawDataReceived(self, data: bytes) -> None:
+        try:
+            super().rawDataReceived(data)
+        except MalformedChunkedData:
+            self._respondToBadRequestAndDisconnect()
 
     @override
     def allHeadersReceived(self) -> None:
         self._cancel_head_deadline()
+        self._in_head = False
+        self._in_body = True
         super().allHeadersReceived()
 
     @override
     def allContentReceived(self) -> None:
-        self._receiving = False
+        self._in_body = False
         super().allContentReceived()
 
     def _head_too_slow(self) -> None:
@@ -169,7 +217,8 @@ class ProxyHTTPChannel(HTTPChannel):
         The connection was idle for the idle timeout: a request cut off part way gets 408;
         an idle keep-alive connection is closed without an answer.
         """
-        if self._receiving and not self._handlingRequest and not self._refused:
+        receiving = self._in_head or self._in_body or self._partial_line()
+        if receiving and not self._handlingRequest and not self._refused:
             self._refuse(
                 RequestTimeout(f"no request data for {self.timeOut:g}s: request timed out")
             )
@@ -198,8 +247,19 @@ class ProxyHTTPChannel(HTTPChannel):
             return
         transport.write(early_error_response(error, request_id))
         self.loseConnection()
+        # A peer that does not read could keep the closing connection (and its buffered
+        # answer) forever: abort it after abortTimeout, as Twisted's own idle timeout does.
+        self._abort_call = self._reactor.callLater(self.abortTimeout or 15, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     @override
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_head_deadline()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         super().connectionLost(reason)
