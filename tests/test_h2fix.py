@@ -11,6 +11,7 @@ connection feeds them bytes and parses what they write.
 
 from __future__ import annotations
 
+from collections import deque
 from io import StringIO
 
 import h2.config
@@ -422,6 +423,79 @@ class IdleTimeoutTests(_H2TestCase):
         self.clock.advance(_TIMEOUT + 1)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.goaway_codes(client), [h2.errors.ErrorCodes.PROTOCOL_ERROR])
+
+
+class ExcessStreamTests(_H2TestCase):
+    """Streams over MAX_CONCURRENT_STREAMS are refused one by one; the connection lives."""
+
+    def overfill(self, client: H2Client, extra: int) -> list[int]:
+        """Open 100 + C{extra} streams, ignoring the server's limit on the client side."""
+        limit = h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+        self.assertEqual(client.h2.remote_settings.max_concurrent_streams, 100)
+        client.h2.remote_settings._settings[limit] = deque([10_000])
+        return [client.request() for _ in range(100 + extra)]
+
+    def test_excess_refused_connection_lives(self) -> None:
+        """The 101st and 102nd streams get REFUSED_STREAM; the first 100 reach the app."""
+        connection, _, client = self.serve()
+        streams = self.overfill(client, 2)
+        self.settle()
+        client.receive()
+        self.assertEqual(len(self.app.requests), 100)
+        refused = h2.errors.ErrorCodes.REFUSED_STREAM
+        self.assertEqual(client.reset_codes, {streams[100]: refused, streams[101]: refused})
+        self.assertEqual(client.terminated, [])
+        self.assertEqual(connection.conn.refused_streams, 2)
+
+        # One of the first 100 is answered; a new stream is then accepted and served.
+        first = self.app.requests[0]
+        first.write(b"done")
+        first.finish()
+        self.settle()
+        client.receive()
+        self.assertIn(streams[0], client.ended)
+        later = client.request()
+        self.settle()
+        client.receive()
+        self.assertEqual(len(self.app.requests), 101)
+        self.assertNotIn(later, client.reset)
+        self.assertEqual(client.terminated, [])
+
+    def test_refused_stream_body_ignored(self) -> None:
+        """DATA sent on a refused stream is not delivered and does not end the connection."""
+        _, _, client = self.serve()
+        self.overfill(client, 0)
+        refused = client.request(b"POST", body=b"x" * 1000, end_stream=False)
+        # More DATA, sent before the client has read the server's RST_STREAM.
+        client.h2.send_data(refused, b"y" * 1000, end_stream=True)
+        client.send()
+        self.settle()
+        client.receive()
+        self.assertIn(refused, client.reset)
+        self.assertEqual(len(self.app.requests), 100)
+        self.assertEqual(client.terminated, [])
+
+    def test_refused_headers_keep_hpack_in_sync(self) -> None:
+        """
+        A refused stream's header block is decoded all the same: a later request whose
+        headers refer to the HPACK table entries it added arrives intact.
+        """
+        _, _, client = self.serve()
+        self.overfill(client, 0)
+        client.request(headers=[(b"x-custom", b"value-one")])
+        self.settle()
+        first = self.app.requests[0]
+        first.finish()
+        self.settle()
+        client.receive()
+        client.request(headers=[(b"x-custom", b"value-one")])
+        self.settle()
+        client.receive()
+        self.assertEqual(len(self.app.requests), 101)
+        self.assertEqual(
+            self.app.requests[-1].requestHeaders.getRawHeaders(b"x-custom"), [b"value-one"]
+        )
+        self.assertEqual(client.terminated, [])
 
 
 class SwitchAndSiteTests(SynchronousTestCase):

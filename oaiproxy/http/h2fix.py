@@ -56,6 +56,7 @@ from oaiproxy.http.h1 import (
     DEFAULT_MAX_HEADERS,
     ProxyHTTPChannel,
 )
+from oaiproxy.http.h2streams import RefusingH2Connection
 
 __all__ = [
     "DEFAULT_STREAM_HIGH_WATER",
@@ -118,6 +119,9 @@ class ProxyH2Connection(H2Connection):
         # Streams whose request (headers and body) has been received in full.
         self._request_complete: set[int] = set()
         super().__init__(reactor)
+        # Twisted's own state machine, but refusing streams over the limit one by one
+        # (REFUSED_STREAM) instead of failing the whole connection: see h2streams.
+        self.conn = RefusingH2Connection(config=self.conn.config)
 
     @override
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:

@@ -37,6 +37,7 @@ class H2Client:
         self.body: defaultdict[int, bytes] = defaultdict(bytes)
         self.ended: set[int] = set()
         self.reset: set[int] = set()
+        self.reset_codes: dict[int, int] = {}
         self.terminated: list[h2.events.ConnectionTerminated] = []
 
     def connect(self, settings: dict[int, int] | None = None, connection_window: int = 0) -> None:
@@ -95,6 +96,7 @@ class H2Client:
                 self.ended.add(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
                 self.reset.add(event.stream_id)
+                self.reset_codes[event.stream_id] = event.error_code
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.terminated.append(event)
         self.send()
