@@ -37,6 +37,7 @@ from oaiproxy.http.h2fix import (
     ProxySite,
     require_h2,
 )
+from oaiproxy.http.h2streams import RefusingH2Connection
 from tests.support.h2client import CLIENT_ADDRESS, REQUEST_HEADERS, H2Client, h2_server
 
 _INITIAL_WINDOW_SIZE = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
@@ -445,6 +446,8 @@ class ExcessStreamTests(_H2TestCase):
         refused = h2.errors.ErrorCodes.REFUSED_STREAM
         self.assertEqual(client.reset_codes, {streams[100]: refused, streams[101]: refused})
         self.assertEqual(client.terminated, [])
+        self.assertIsInstance(connection.conn, RefusingH2Connection)
+        assert isinstance(connection.conn, RefusingH2Connection)
         self.assertEqual(connection.conn.refused_streams, 2)
 
         # One of the first 100 is answered; a new stream is then accepted and served.
