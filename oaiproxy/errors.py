@@ -125,7 +125,7 @@ class UpstreamConnectFailed(UpstreamError):
 
 
 class UpstreamBadStatus(UpstreamError):
-    """The upstream answered 502/503 before any byte went downstream; another may be tried."""
+    """The upstream answered 5xx before any byte went downstream; another may be tried."""
 
     code = "upstream_unavailable"
     retryable = True

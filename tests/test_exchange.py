@@ -176,6 +176,14 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(len(h.sent("b")), 1)
         self.assertEqual(transport.value(), b"")
 
+    def test_every_5xx_tries_next(self) -> None:
+        """Any 5xx before the first byte fails over; a 4xx (the client's mistake) does not."""
+        for status, fails_over in [(500, True), (504, True), (599, True), (429, False)]:
+            h = make_harness([upstream_config("a"), upstream_config("b")])
+            h.send(post(b"/v1/embeddings", b"{}"))
+            h.sent("a")[0].deferred.callback(FakeResponse(status, {}, length=0))
+            self.assertEqual(len(h.sent("b")), int(fails_over), status)
+
     def test_last_503_passed_through(self) -> None:
         """When no upstream is left, the last upstream answer is relayed as it is."""
         h = make_harness([upstream_config("a")])

@@ -36,8 +36,9 @@ __all__ = ["Exchange"]
 
 log = Logger()
 
-#: Statuses after which another upstream is tried, if nothing was sent downstream yet.
-FAILOVER_STATUSES = frozenset({502, 503})
+#: Statuses after which another upstream is tried, if nothing was sent downstream yet: every
+#: 5xx (shared/BAD-INPUTS.md). A 4xx is the client's own mistake and is passed through.
+FAILOVER_STATUSES = frozenset(range(500, 600))
 
 
 class _Discard(Protocol):
