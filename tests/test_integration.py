@@ -492,16 +492,20 @@ class FailoverTests(TestCase):
         assert retry_after is not None
         self.assertGreaterEqual(int(retry_after), 0)
 
-    async def test_failing_upstream_503_fails_over(self) -> None:
-        """An upstream that always answers 503 is skipped: every request succeeds elsewhere."""
-        failing = start_mock(self, "failing", fault=b"503")
-        healthy = start_mock(self, "healthy")
-        proxy = start_proxy(self, [failing.upstream(), healthy.upstream()])
+    async def test_failing_upstream_5xx_fails_over(self) -> None:
+        """
+        An upstream that always answers 503 (or 500) is skipped: every request succeeds
+        elsewhere.
+        """
+        for fault in (b"503", b"500"):
+            failing = start_mock(self, "failing", fault=fault)
+            healthy = start_mock(self, "healthy")
+            proxy = start_proxy(self, [failing.upstream(), healthy.upstream()])
 
-        self.assertEqual(await _served_by(proxy, 4), [(200, "healthy")] * 4)
-        self.assertEqual(len(healthy.requests), 4)
-        # The failing upstream was really tried (else this test would prove nothing).
-        self.assertGreaterEqual(len(failing.requests), 1)
+            self.assertEqual(await _served_by(proxy, 4), [(200, "healthy")] * 4, fault)
+            self.assertEqual(len(healthy.requests), 4)
+            # The failing upstream was really tried (else this test would prove nothing).
+            self.assertGreaterEqual(len(failing.requests), 1)
 
     async def test_only_upstream_503_passes_through(self) -> None:
         """The only upstream's 503 reaches the client as it was, after one attempt."""
