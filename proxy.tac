@@ -47,7 +47,8 @@ config = ProxyConfig(
         connect=5.0,  # seconds to establish a TCP/TLS connection to an upstream
         first_byte=600.0,  # seconds until the first body byte (time to first token)
         idle=300.0,  # longest silence between two body chunks
-        total=3600.0,  # the whole request; None disables any of these
+        total=3600.0,  # the whole request
+        send=60.0,  # longest wait on a client that reads nothing; None disables any of these
     ),
     limits=Limits(
         max_body_bytes=32 * 1024 * 1024,  # request bodies over this get 413

@@ -37,22 +37,26 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Deadlines:
     """
-    Upstream deadlines, in seconds. Each may be C{None} to disable it.
+    Deadlines of an exchange, in seconds. Each may be C{None} to disable it.
 
     @ivar connect: to establish the TCP (and TLS) connection to an upstream.
     @ivar first_byte: from sending the request to the first byte of the response body (for
         streams, the time to first token); covers waiting for the response headers too.
     @ivar idle: the longest silent gap between two body chunks of one response.
     @ivar total: the whole exchange, from the request's arrival to the last byte.
+    @ivar send: the longest a response may wait on a client that does not read (its socket
+        buffers full, or its HTTP/2 window closed); then the response is cut and its
+        upstream request cancelled.
     """
 
     connect: float | None = 5.0
     first_byte: float | None = 600.0
     idle: float | None = 300.0
     total: float | None = 3600.0
+    send: float | None = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("connect", "first_byte", "idle", "total"):
+        for name in ("connect", "first_byte", "idle", "total", "send"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"deadline {name} must be positive or None, not {value!r}")

@@ -72,6 +72,8 @@ class Options(usage.Options):
          "Seconds of silence allowed between body chunks (0 disables)."],
         ["total-timeout", None, str(Deadlines().total),
          "Seconds for the whole request (0 disables)."],
+        ["send-timeout", None, str(Deadlines().send),
+         "Seconds a response may wait on a client that reads nothing (0 disables)."],
     ]  # fmt: skip
 
     def __init__(self) -> None:
@@ -118,6 +120,7 @@ def config_from_options(options: Any) -> ProxyConfig:
             first_byte=_seconds_or_none(options["first-byte-timeout"]),
             idle=_seconds_or_none(options["idle-timeout"]),
             total=_seconds_or_none(options["total-timeout"]),
+            send=_seconds_or_none(options["send-timeout"]),
         ),
         limits=Limits(
             max_body_bytes=int(options["max-body"]),

@@ -323,6 +323,42 @@ class DeadlineTests(SynchronousTestCase):
 class BackpressureTests(SynchronousTestCase):
     """A slow client pauses the upstream read."""
 
+    def test_stalled_client_cut_after_send_deadline(self) -> None:
+        """A client that reads nothing for the send deadline: response cut, upstream stopped."""
+        h = make_harness(deadlines=Deadlines(send=30.0))
+        _proto, transport, response = answered_stream(h)
+        response.deliver(b"data: 1\n\n")
+        client_buffer_full(transport)
+        h.clock.advance(29)
+        self.assertEqual(response.socket.state, "paused")
+        self.assertFalse(transport.disconnected)
+        h.clock.advance(2)
+        self.assertTrue(response.socket.stopped)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_slow_but_reading_client_not_cut(self) -> None:
+        """Each time the client catches up, the send deadline starts over."""
+        h = make_harness(deadlines=Deadlines(send=30.0, idle=None))
+        _proto, transport, response = answered_stream(h)
+        for _ in range(5):
+            response.deliver(b"data: x\n\n")
+            client_buffer_full(transport)
+            h.clock.advance(20)
+            client_buffer_drained(transport)
+        self.assertFalse(response.socket.stopped)
+        self.assertFalse(transport.disconnected)
+
+    def test_send_deadline_disabled(self) -> None:
+        """With send=None a stalled client is waited on (memory stays bounded by the pause)."""
+        h = make_harness(deadlines=Deadlines(send=None, total=None))
+        _proto, transport, response = answered_stream(h)
+        response.deliver(b"data: 1\n\n")
+        client_buffer_full(transport)
+        h.clock.advance(3600)
+        self.assertEqual(response.socket.state, "paused")
+        self.assertFalse(transport.disconnected)
+
     def test_pause_and_resume_reach_upstream(self) -> None:
         """Downstream pause/resume are relayed to the upstream body transport."""
         h = make_harness()

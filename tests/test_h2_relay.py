@@ -12,7 +12,7 @@ import h2.settings
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaiproxy.config import Limits
+from oaiproxy.config import Deadlines, Limits
 from oaiproxy.http.h2fix import ProxyH2Connection
 from tests.support.fakes import FakeResponse, ProxyHarness, make_harness
 from tests.support.h2client import H2Client, h2_server
@@ -172,6 +172,40 @@ class H2BackpressureTests(H2ProxyTestCase):
         client.open_window(10 * 1024 * 1024)
         self.turn()
         self.assertEqual(response.socket.state, "producing")
+
+    def test_closed_window_cut_after_send_deadline(self) -> None:
+        """
+        A client holding its window closed for the send deadline gets RST_STREAM; the
+        upstream is stopped and the connection's other streams carry on.
+        """
+        self.h = h = make_harness(
+            limits=Limits(stream_high_water=self.high_water),
+            deadlines=Deadlines(send=30.0, idle=None),
+        )
+        _, _, client = self.connect()
+        stream = self.chat(client)
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        chunk = b"data: " + b"x" * 16 * 1024 + b"\n\n"
+        for _ in range(8):
+            if response.socket.state == "paused":
+                break
+            response.deliver(chunk)
+            self.turn()
+        self.assertEqual(response.socket.state, "paused")
+        h.clock.advance(29)
+        self.assertFalse(response.socket.stopped)
+        h.clock.advance(2)
+        self.turn()
+        client.receive()
+        self.assertTrue(response.socket.stopped)
+        self.assertIn(stream, client.reset)
+        self.assertEqual(client.terminated, [])
+        client.open_window(1024 * 1024)  # the connection window the first stream used up
+        other = client.request(b"GET", path=b"/healthz")
+        self.turn()
+        client.receive()
+        self.assertIn(other, client.ended)
 
     def test_huge_window_slow_socket_bounded(self) -> None:
         """A huge window but a socket that does not drain: paused at the high-water mark."""

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from oaiproxy.config import Limits
+from oaiproxy.config import Deadlines, Limits
 from tests.support.servers import (
     H2Response,
     LoopbackH2Client,
@@ -118,7 +118,7 @@ class SlowReaderTests(TestCase):
     timeout = 60
 
     async def pause_http11(
-        self,
+        self, deadlines: Deadlines | None = None
     ) -> tuple[_SlowReader, Deferred[None], RecordingRelay, SeenRequest]:
         """
         A slow HTTP/1.1 reader's request, once the relay and the upstream have settled paused:
@@ -126,7 +126,7 @@ class SlowReaderTests(TestCase):
         """
         mock = start_mock(self, "a")
         relays = record_relays(self)
-        self.proxy = start_proxy(self, [mock.upstream()])
+        self.proxy = start_proxy(self, [mock.upstream()], deadlines=deadlines)
         self.mock = mock
         reader = _SlowReader(self.proxy.http_port)
         done = reader.run()
@@ -172,6 +172,22 @@ class SlowReaderTests(TestCase):
         await within(done, "the client thread")
         self.assertFalse(await within(seen.ended, "the upstream request to end"))
         await within(self.mock.connections.when_closed(), "the upstream connection to close")
+
+    async def test_http11_stalled_reader_cut_after_send_deadline(self) -> None:
+        """
+        An HTTP/1.1 client that stops reading for the send deadline has its response cut
+        and the upstream request cancelled, without reading a byte more.
+        """
+        reader, done, _, seen = await self.pause_http11(Deadlines(send=1.0))
+        try:
+            self.assertFalse(await within(seen.ended, "the upstream request to be cancelled"))
+            await within(self.mock.connections.when_closed(), "the upstream connection to close")
+            await within(
+                self.proxy.connections.when_closed(), "the client connection to be closed"
+            )
+        finally:
+            reader.go_on(close=True)
+        await within(done, "the client thread")
 
     async def test_http2_closed_window_pauses_upstream(self) -> None:
         """h2 client holding its window shut: relay and upstream pause, bounded; then all."""

@@ -164,6 +164,7 @@ class Exchange:
             self._clock,
             request_id=self.ctx.request_id,
             idle_timeout=self._deadlines.idle,
+            send_timeout=self._deadlines.send,
             on_first_byte=self._cancel_first_byte,
             on_end=self._relay_ended,
         )

@@ -68,6 +68,7 @@ class Relay(Protocol):
         *,
         request_id: bytes,
         idle_timeout: float | None,
+        send_timeout: float | None = None,
         on_first_byte: Callable[[], None],
         on_end: Callable[[ProxyError | None], None],
     ) -> None:
@@ -76,6 +77,8 @@ class Relay(Protocol):
         self._clock = clock
         self._request_id = request_id
         self._idle_timeout = idle_timeout
+        self._send_timeout = send_timeout
+        self._stall_call: IDelayedCall | None = None
         self._on_first_byte = on_first_byte
         self._on_end: Callable[[ProxyError | None], None] | None = on_end
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
@@ -146,15 +149,21 @@ class Relay(Protocol):
     # -- IPushProducer, driven by the downstream consumer ---------------------------------
 
     def pauseProducing(self) -> None:
-        """The client is not keeping up: stop reading from the upstream."""
+        """
+        The client is not keeping up: stop reading from the upstream. If it does not catch
+        up within the send deadline, the response is cut (see L{_stalled}).
+        """
         self._paused = True
         self._cancel_idle()
+        if self._send_timeout is not None and self._stall_call is None and self._on_end:
+            self._stall_call = self._clock.callLater(self._send_timeout, self._stalled)
         if self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
         """The client caught up: read from the upstream again."""
         self._paused = False
+        self._cancel_stall()
         if self._on_end is not None:
             self._arm_idle()
         if self.transport is not None:
@@ -256,6 +265,7 @@ class Relay(Protocol):
 
     def _cleanup(self) -> None:
         self._cancel_idle()
+        self._cancel_stall()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
@@ -280,6 +290,31 @@ class Relay(Protocol):
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
+
+    def _cancel_stall(self) -> None:
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        self._stall_call = None
+
+    def _stalled(self) -> None:
+        """
+        The client has read nothing for the send deadline: cut its response (an SSE error
+        event would only queue behind what it does not read) and cancel the upstream.
+        """
+        self._stall_call = None
+        if self._on_end is None:
+            return
+        log.info(
+            "client read nothing for {timeout:g}s, cutting {request_id}",
+            timeout=self._send_timeout,
+            request_id=self._request_id.decode("ascii", "replace"),
+        )
+        on_end = self._on_end
+        self._on_end = None
+        self._stop_upstream()
+        self._cleanup()
+        abort_downstream(self._request)
+        on_end(None)
 
     def _idle_expired(self) -> None:
         self._idle_call = None
