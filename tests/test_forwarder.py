@@ -11,6 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ParseError, ResponseNeverReceived
+from twisted.web.client import URI
 
 from oaiproxy.balancing.pool import Upstream
 from oaiproxy.config import UpstreamConfig
@@ -94,3 +95,81 @@ class BuildAgentsTests(SynchronousTestCase):
         self.assertEqual(set(agents), {"a", "b"})
         agents["b"].request(b"GET", b"http://127.0.0.1:9002/v1/models")
         self.assertEqual([(h, p) for h, p, *_ in reactor.tcpClients], [("127.0.0.1", 9002)])
+
+
+class UpstreamAgentTests(SynchronousTestCase):
+    """The per-upstream Agent builds the same URI Twisted would parse, without parsing."""
+
+    def record(self, url: str) -> tuple[Any, list[tuple[Any, ...]]]:
+        """An agent for upstream C{url}, recording what it passes to Twisted's request path."""
+        reactor = MemoryReactorClock()
+        agents, _ = build_agents(
+            reactor,
+            [Upstream(UpstreamConfig(url, name="u"))],
+            connect_timeout=1.0,
+            idle_connections=4,
+            keepalive=4.0,
+        )
+        agent: Any = agents["u"]
+        calls: list[tuple[Any, ...]] = []
+        agent._requestWithEndpoint = lambda *args: calls.append(args)
+        return agent, calls
+
+    def assert_same_as_twisted(self, upstream: str, urls: list[bytes]) -> None:
+        agent, calls = self.record(upstream)
+        for url in urls:
+            agent.request(b"POST", url)
+            key, _, method, parsed, _, _, target = calls[-1]
+            expected = URI.fromBytes(url)
+            fields = ("scheme", "netloc", "host", "port", "path", "params", "query", "fragment")
+            self.assertEqual(
+                [getattr(parsed, f) for f in fields], [getattr(expected, f) for f in fields], url
+            )
+            self.assertEqual(parsed.toBytes(), expected.toBytes(), url)
+            self.assertEqual(target, expected.originForm, url)
+            self.assertEqual(key, (expected.scheme, expected.host, expected.port), url)
+            self.assertEqual(method, b"POST")
+
+    def test_plain_with_port(self) -> None:
+        """http with an explicit port; paths with queries and parameters."""
+        self.assert_same_as_twisted(
+            "http://127.0.0.1:9001/v1",
+            [
+                b"http://127.0.0.1:9001/v1/chat/completions",
+                b"http://127.0.0.1:9001/v1/models?limit=2&after=x",
+                b"http://127.0.0.1:9001/v1/files/f;a=b?x=1",
+                b"http://127.0.0.1:9001/",
+            ],
+        )
+
+    def test_tls_default_port(self) -> None:
+        """https on its default port (no port in the origin)."""
+        self.assert_same_as_twisted(
+            "https://api.example.com/v1", [b"https://api.example.com/v1/responses?stream=true"]
+        )
+
+    def test_ipv6(self) -> None:
+        """An IPv6 literal."""
+        self.assert_same_as_twisted("http://[::1]:9001/v1", [b"http://[::1]:9001/v1/models"])
+
+    def test_other_urls_parsed_by_twisted(self) -> None:
+        """A URL of another origin, or with a fragment, goes through Twisted's own parsing."""
+        self.assert_same_as_twisted(
+            "http://127.0.0.1:9001/v1",
+            [b"http://127.0.0.1:9002/v1/models", b"http://127.0.0.1:9001/v1/models#frag"],
+        )
+
+    def test_one_endpoint_reused(self) -> None:
+        """The endpoint is made once per agent, not per request."""
+        agent, _ = self.record("http://127.0.0.1:9001/v1")
+        made: list[Any] = []
+        real = agent._getEndpoint
+
+        def counting(uri: Any) -> Any:
+            made.append(uri)
+            return real(uri)
+
+        agent._getEndpoint = counting
+        for _ in range(3):
+            agent.request(b"GET", b"http://127.0.0.1:9001/v1/models")
+        self.assertEqual(len(made), 1)
