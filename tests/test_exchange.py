@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseFailed
 
 from oaiproxy.config import Deadlines, Limits
+from oaiproxy.http.relay import downstream_backlog
 from tests.support.fakes import (
     FakeResponse,
     ProxyHarness,
@@ -358,6 +360,39 @@ class BackpressureTests(SynchronousTestCase):
         h.clock.advance(3600)
         self.assertEqual(response.socket.state, "paused")
         self.assertFalse(transport.disconnected)
+
+    def test_downstream_backlog_http11(self) -> None:
+        """
+        The bytes an HTTP/1.1 client has not taken yet: the TCP transport's write buffer,
+        found under TLS wrappers too; they go down as the socket accepts them.
+        """
+
+        class _Socket(FileDescriptor):
+            accept = 0
+
+            def writeSomeData(self, data: bytes) -> int:
+                return min(self.accept, len(data))
+
+        tcp = _Socket(MemoryReactorClock())
+        tcp.connected = True
+        tcp.write(b"x" * 100)
+
+        class _Channel:
+            transport: Any = None
+
+        request: Any = type("_Request", (), {})()
+        request.channel = _Channel()
+        request.channel.transport = tcp
+        self.assertEqual(downstream_backlog(request), 100)
+        tcp.accept = 40
+        tcp.doWrite()
+        self.assertEqual(downstream_backlog(request), 60)
+        tls: Any = type("_TLS", (), {})()
+        tls.transport = tcp
+        request.channel.transport = tls
+        self.assertEqual(downstream_backlog(request), 60)
+        request.channel.transport = StringTransport()
+        self.assertIsNone(downstream_backlog(request))
 
     def test_pause_and_resume_reach_upstream(self) -> None:
         """Downstream pause/resume are relayed to the upstream body transport."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import h2.errors
 import h2.events
 import h2.settings
 from twisted.internet.testing import StringTransport
@@ -193,19 +194,52 @@ class H2BackpressureTests(H2ProxyTestCase):
             response.deliver(chunk)
             self.turn()
         self.assertEqual(response.socket.state, "paused")
-        h.clock.advance(29)
+        # What fitted in the window left at once; then nothing moves. The relay checks every
+        # quarter of the deadline, so the cut comes 30-37.5 s after the last progress.
+        for _ in range(29):  # a second at a time, as a reactor runs its timers
+            h.clock.advance(1)
         self.assertFalse(response.socket.stopped)
-        h.clock.advance(2)
+        for _ in range(10):
+            h.clock.advance(1)
         self.turn()
         client.receive()
         self.assertTrue(response.socket.stopped)
-        self.assertIn(stream, client.reset)
+        self.assertEqual(client.reset_codes[stream], h2.errors.ErrorCodes.INTERNAL_ERROR)
         self.assertEqual(client.terminated, [])
         client.open_window(1024 * 1024)  # the connection window the first stream used up
         other = client.request(b"GET", path=b"/healthz")
         self.turn()
         client.receive()
         self.assertIn(other, client.ended)
+
+    def test_slow_steady_reader_not_cut(self) -> None:
+        """
+        A client that reads a little within each send deadline (opening its window 8 KiB at a
+        time) is slow, not stalled: its stream is not cut, however long it stays paused.
+        """
+        self.h = h = make_harness(
+            limits=Limits(stream_high_water=self.high_water),
+            deadlines=Deadlines(send=30.0, idle=None, total=None),
+        )
+        _, _, client = self.connect(
+            settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 8 * 1024}
+        )
+        stream = self.chat(client)
+        response = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(response)
+        response.deliver(b"data: " + b"x" * 128 * 1024 + b"\n\n")
+        self.turn()
+        self.assertEqual(response.socket.state, "paused")
+        for _ in range(12):  # 240 s of reading 8 KiB every 20 s
+            h.clock.advance(20)
+            client.receive()
+            client.open_window(8 * 1024, stream)
+            client.open_window(8 * 1024)
+            self.turn()
+        client.receive()
+        self.assertNotIn(stream, client.reset)
+        self.assertFalse(response.socket.stopped)
+        self.assertEqual(len(client.body[stream]), 13 * 8 * 1024)
 
     def test_huge_window_slow_socket_bounded(self) -> None:
         """A huge window but a socket that does not drain: paused at the high-water mark."""

@@ -500,6 +500,21 @@ class ExcessStreamTests(_H2TestCase):
         )
         self.assertEqual(client.terminated, [])
 
+    def test_limit_zero_refuses_without_closing(self) -> None:
+        """Under a limit of 0 (a connection being drained) a new stream is refused, not fatal."""
+        connection, _, client = self.serve()
+        connection.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+        connection.transport.write(connection.conn.data_to_send())  # type: ignore[union-attr]
+        client.receive()  # the client ACKs the new limit
+        limit = h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+        client.h2.remote_settings._settings[limit] = deque([10])
+        stream = client.request()
+        self.settle()
+        client.receive()
+        self.assertEqual(client.reset_codes, {stream: h2.errors.ErrorCodes.REFUSED_STREAM})
+        self.assertEqual(client.terminated, [])
+        self.assertEqual(self.app.requests, [])
+
 
 class SwitchAndSiteTests(SynchronousTestCase):
     """ProxySite builds the ALPN switch, which picks ProxyH2Connection for h2 only."""

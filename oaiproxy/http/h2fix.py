@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, cast
 
+import h2.errors
 import h2.events
 import h2.exceptions
 import priority
@@ -193,6 +194,20 @@ class ProxyH2Connection(H2Connection):
     def remainingOutboundWindow(self, streamID: int) -> int:
         """The stream's flow-control window minus its queued bytes, in O(1)."""
         return self._window(streamID) - self._queued_bytes.get(streamID, 0)
+
+    def queued_bytes(self, stream_id: int) -> int:
+        """Response bytes queued for C{stream_id} and not yet sent (0 for an unknown stream)."""
+        return self._queued_bytes.get(stream_id, 0)
+
+    @override
+    def abortRequest(self, streamID: int) -> None:
+        """
+        Reset a stream whose response is cut short with INTERNAL_ERROR: Twisted resets with
+        NO_ERROR, which some clients take for a normal end of a body under way.
+        """
+        self.conn.reset_stream(streamID, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        if self._tryToWriteControlData():
+            self._requestDone(streamID)
 
     @override
     def _requestDone(self, streamID: int) -> None:

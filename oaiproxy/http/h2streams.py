@@ -31,9 +31,10 @@ class RefusingH2Connection(h2.connection.H2Connection):
 
     @property
     def open_inbound_streams(self) -> int:
-        """h2's count of open client streams; zero while an excess stream is let in."""
+        """h2's count of open client streams; -1 while an excess stream is let in."""
         count: int = super().open_inbound_streams
-        return 0 if self._admitting_over_limit else count
+        # h2 checks count + 1 > limit: -1 lets a stream in even under a limit of 0.
+        return -1 if self._admitting_over_limit else count
 
     def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         stream_id: int = frame.stream_id

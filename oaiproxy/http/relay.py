@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -29,7 +30,7 @@ from zope.interface import implementer
 from oaiproxy.errors import ProxyError, UpstreamDisconnected, UpstreamTimeout
 from oaiproxy.http.headers import downstream_response_headers
 
-__all__ = ["Relay", "abort_downstream"]
+__all__ = ["Relay", "abort_downstream", "downstream_backlog"]
 
 log = Logger()
 
@@ -44,6 +45,28 @@ def abort_downstream(request: Request) -> None:
         channel.abortConnection()
     elif channel is not None and channel.transport is not None:
         channel.transport.abortConnection()
+
+
+def downstream_backlog(request: Request) -> int | None:
+    """
+    Bytes of response written for C{request} and not yet taken by its client: the HTTP/2
+    stream's queue, or the HTTP/1.1 transport's write buffer (TLS included). C{None} when
+    it cannot be known. It goes down only as the client reads.
+    """
+    channel: Any = request.channel
+    if channel is None:
+        return None
+    if isinstance(channel, H2Stream):
+        # H2Stream keeps its connection in a private attribute (Twisted 26.10.0).
+        queued = getattr(getattr(channel, "_conn", None), "queued_bytes", None)
+        return queued(channel.streamID) if queued is not None else None
+    transport = channel.transport
+    for _ in range(4):  # down through TLS wrappers to the TCP transport
+        if isinstance(transport, FileDescriptor):
+            # Twisted's write buffer (private attributes of FileDescriptor, 26.10.0).
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        transport = getattr(transport, "transport", None)
+    return None
 
 
 @implementer(IPushProducer)
@@ -79,6 +102,8 @@ class Relay(Protocol):
         self._idle_timeout = idle_timeout
         self._send_timeout = send_timeout
         self._stall_call: IDelayedCall | None = None
+        self._backlog_seen: int | None = None
+        self._progress_at = 0.0
         self._on_first_byte = on_first_byte
         self._on_end: Callable[[ProxyError | None], None] | None = on_end
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
@@ -156,7 +181,9 @@ class Relay(Protocol):
         self._paused = True
         self._cancel_idle()
         if self._send_timeout is not None and self._stall_call is None and self._on_end:
-            self._stall_call = self._clock.callLater(self._send_timeout, self._stalled)
+            self._backlog_seen = downstream_backlog(self._request)
+            self._progress_at = self._clock.seconds()
+            self._stall_call = self._clock.callLater(self._send_timeout / 4, self._stall_check)
         if self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
@@ -296,13 +323,25 @@ class Relay(Protocol):
             self._stall_call.cancel()
         self._stall_call = None
 
-    def _stalled(self) -> None:
+    def _stall_check(self) -> None:
         """
-        The client has read nothing for the send deadline: cut its response (an SSE error
-        event would only queue behind what it does not read) and cancel the upstream.
+        While the relay is paused, a check every quarter of the send deadline: the client
+        is reading (slowly) while the bytes waiting for it go down. When none went for the
+        whole deadline, its response is cut (an SSE error event would only queue behind what
+        it does not read) and the upstream request cancelled.
         """
         self._stall_call = None
-        if self._on_end is None:
+        if self._on_end is None or self._send_timeout is None:
+            return
+        now = self._clock.seconds()
+        backlog = downstream_backlog(self._request)
+        if backlog is not None and backlog != self._backlog_seen:
+            self._backlog_seen = backlog
+            self._progress_at = now
+        remaining = self._progress_at + self._send_timeout - now
+        if remaining > 0:
+            delay = min(self._send_timeout / 4, remaining)
+            self._stall_call = self._clock.callLater(delay, self._stall_check)
             return
         log.info(
             "client read nothing for {timeout:g}s, cutting {request_id}",
