@@ -91,6 +91,46 @@ class ChunkedDecoderTests(SynchronousTestCase):
             self.assertEqual(b"".join(ours_data), b"".join(theirs_data))
             self.assertEqual(ours_end, theirs_end)
 
+    def test_fast_path_declines_what_it_cannot_take(self) -> None:
+        """
+        Chunks whose data holds CRLF, chunks with extensions, zero-padded sizes and chunks
+        cut short, mixed with plain ones in one read, decode as Twisted decodes them.
+        """
+        body = (
+            b"3\r\nabc\r\n"
+            b"6\r\nab\r\ncd\r\n"  # CRLF inside the data
+            b"4;ext=1\r\nwxyz\r\n"
+            b"02\r\nhi\r\n"
+            b"5\r\n\r\n\r\n\r\r\n"  # data made of line ends
+            b"1\r\nq\r\n"
+            b"8\r\npart"
+        )
+        ours, data, _ = _decoder()
+        ours.dataReceived(body)
+        theirs_data: list[bytes] = []
+        theirs = _ChunkedTransferDecoder(theirs_data.append, lambda e: None)
+        theirs.dataReceived(body)
+        self.assertEqual(b"".join(data), b"".join(theirs_data))
+        self.assertEqual(b"".join(data), b"abcab\r\ncdwxyzhi\r\n\r\n\rqpart")
+
+    def test_fast_path_once_per_read(self) -> None:
+        """
+        The fast path splits a read at most once: a read of many chunks it declines (here,
+        each with an extension) is not split again at every chunk, which would be quadratic.
+        """
+        decoder, data, _ = _decoder()
+        splits: list[int] = []
+        real = ChunkedDecoder._whole_chunks
+
+        def counting(data: bytes, pos: int, out: list[bytes]) -> int:
+            splits.append(pos)
+            return real(data, pos, out)
+
+        decoder._whole_chunks = counting  # type: ignore[method-assign]
+        decoder.dataReceived(b"".join(b"1;e\r\n%d\r\n" % (i % 10) for i in range(1000)))
+        self.assertEqual(len(splits), 1)
+        self.assertEqual(b"".join(data), b"".join(b"%d" % (i % 10) for i in range(1000)))
+
     def test_end_delivers_data_before_finish(self) -> None:
         """Data read with the last chunk is delivered before the end is reported."""
         order: list[str] = []
