@@ -57,6 +57,7 @@ config = ProxyConfig(
         header_timeout=30.0,  # seconds to send a request head, from its first byte (408)
         max_headers=100,  # header fields allowed in a request head (431 above)
         max_header_bytes=32 * 1024,  # bytes allowed in a request head (431 above)
+        max_connections=10_000,  # client connections held at once (503 past it)
         max_attempts=3,  # upstreams tried before answering 502 (only before the first byte)
         upstream_connections=256,  # idle keep-alive connections kept per upstream
     ),

@@ -77,6 +77,8 @@ class Limits:
         (408 after that: slowloris).
     @ivar max_headers: header fields allowed in an HTTP/1.1 request head (431 above).
     @ivar max_header_bytes: bytes allowed in an HTTP/1.1 request head (431 above).
+    @ivar max_connections: client connections held at once; past it a new connection gets
+        503 and is closed.
     @ivar max_attempts: upstreams tried for one request before giving up (failover bound).
     @ivar upstream_connections: idle persistent connections kept per upstream.
     """
@@ -87,6 +89,7 @@ class Limits:
     header_timeout: float = 30.0
     max_headers: int = 100
     max_header_bytes: int = 32 * 1024
+    max_connections: int = 10_000
     max_attempts: int = 3
     upstream_connections: int = 256
 
@@ -103,6 +106,8 @@ class Limits:
             raise ConfigError("max_headers must be at least 1")
         if self.max_header_bytes < 1024:
             raise ConfigError("max_header_bytes must be at least 1024")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections must be at least 1")
         if self.max_attempts < 1:
             raise ConfigError("max_attempts must be at least 1")
         if self.upstream_connections < 1:

@@ -158,6 +158,14 @@ class UpstreamDisconnected(UpstreamError):
     code = "upstream_disconnected"
 
 
+class TooManyConnections(ProxyError):
+    """The proxy holds as many client connections as it is allowed: this one is refused."""
+
+    status = 503
+    error_type = "server_error"
+    code = "too_many_connections"
+
+
 class NoUpstreamAvailable(ProxyError):
     """No upstream is usable at all."""
 

@@ -129,6 +129,7 @@ def build_site(
         max_headers=config.limits.max_headers,
         max_header_bytes=config.limits.max_header_bytes,
         header_timeout=config.limits.header_timeout,
+        max_connections=config.limits.max_connections,
         requestFactory=request_factory(config.limits.max_body_bytes),
     )
 

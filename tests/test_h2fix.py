@@ -527,6 +527,7 @@ class SwitchAndSiteTests(SynchronousTestCase):
 
     def connect(self, negotiated: bytes | None) -> tuple[ProxyHTTPChannelSwitch, _ALPNTransport]:
         protocol = self.site.buildProtocol(_CLIENT)
+        assert isinstance(protocol, ProxyHTTPChannelSwitch)
         transport = _ALPNTransport(negotiated)
         protocol.makeConnection(transport)
         return protocol, transport
@@ -600,7 +601,7 @@ class SwitchAndSiteTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IProtocolNegotiationFactory, self.site))
         self.assertEqual(self.site.acceptableProtocols(), [b"h2", b"http/1.1"])
         protocol = self.site.buildProtocol(_CLIENT)
-        self.assertIsInstance(protocol, ProxyHTTPChannelSwitch)
+        assert isinstance(protocol, ProxyHTTPChannelSwitch)
         self.assertIs(protocol.site, self.site)
         self.assertIs(protocol.factory, self.site)
         self.assertEqual(protocol.timeOut, 30.0)

@@ -33,10 +33,12 @@ def early_error_response(error: ProxyError, request_id: bytes) -> bytes:
     """The bytes of an HTTP/1.1 response carrying C{error}, closing the connection."""
     body = error.to_json()
     reason = _REASONS.get(error.status) or RESPONSES.get(error.status, b"Error")
+    retry = b"" if error.retry_after is None else b"retry-after: %d\r\n" % error.retry_after
     return (
         b"HTTP/1.1 %d %s\r\n"
         b"content-type: application/json\r\n"
         b"content-length: %d\r\n"
         b"x-request-id: %s\r\n"
-        b"connection: close\r\n\r\n%s" % (error.status, reason, len(body), request_id, body)
+        b"%sconnection: close\r\n\r\n%s"
+        % (error.status, reason, len(body), request_id, retry, body)
     )

@@ -43,6 +43,7 @@ import priority
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 from twisted.web.http import HTTPChannel, Request, _GenericHTTPChannelProtocol
@@ -51,6 +52,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 from typing_extensions import override
 
+from oaiproxy.http.capacity import ConnectionLimit, Refusal
 from oaiproxy.http.h1 import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_HEADER_BYTES,
@@ -426,6 +428,16 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
             self._negotiatedProtocol = negotiated  # type: ignore[assignment]
         self._channel.dataReceived(data)
 
+    @override
+    def connectionLost(self, reason: Failure) -> None:
+        """Pass the loss to the channel, and give the site's connection slot back."""
+        try:
+            self._channel.connectionLost(reason)
+        finally:
+            site = self._site
+            if isinstance(site, ProxySite):
+                site.connections.release()
+
     def _switch_to_h2(self) -> None:
         """Replace the HTTP/1.1 channel by a L{ProxyH2Connection}, as Twisted does."""
         channel = self._channel
@@ -468,6 +480,7 @@ class ProxySite(Site):
         max_headers: int = DEFAULT_MAX_HEADERS,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        max_connections: int = 10_000,
         **kwargs: Any,
     ) -> None:
         """
@@ -480,6 +493,7 @@ class ProxySite(Site):
         @param max_headers: passed to each L{ProxyHTTPChannel} (HTTP/1.1).
         @param max_header_bytes: passed to each L{ProxyHTTPChannel}.
         @param header_timeout: passed to each L{ProxyHTTPChannel}.
+        @param max_connections: client connections held at once (see L{ConnectionLimit}).
         @param kwargs: passed to L{Site} (e.g. C{requestFactory}).
         @raise ValueError: if C{stream_high_water} or C{idle_timeout} is not positive.
         """
@@ -491,6 +505,7 @@ class ProxySite(Site):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, timeout=idle_timeout, reactor=reactor, **kwargs)
         self.stream_high_water = stream_high_water
+        self.connections = ConnectionLimit(max_connections, reactor)
         self._h1_options: dict[str, Any] = {
             "max_headers": max_headers,
             "max_header_bytes": max_header_bytes,
@@ -498,8 +513,13 @@ class ProxySite(Site):
         }
 
     @override
-    def buildProtocol(self, addr: IAddress | None) -> ProxyHTTPChannelSwitch:
-        """A switch over a fresh L{HTTPChannel}, set up as Twisted's L{Site} does."""
+    def buildProtocol(self, addr: IAddress | None) -> ProxyHTTPChannelSwitch | Refusal:  # type: ignore[override]
+        """
+        A switch over a fresh L{HTTPChannel}, set up as Twisted's L{Site} does; or, with
+        C{max_connections} open already, a L{Refusal}.
+        """
+        if not self.connections.admit():
+            return Refusal(self.reactor, self.connections.limit)
         channel = ProxyHTTPChannel(self.reactor, **self._h1_options)
         protocol = ProxyHTTPChannelSwitch(channel, self.reactor, self.stream_high_water)
         protocol.factory = self

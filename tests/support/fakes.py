@@ -205,6 +205,7 @@ def make_harness(
         max_headers=limits.max_headers,
         max_header_bytes=limits.max_header_bytes,
         header_timeout=limits.header_timeout,
+        max_connections=limits.max_connections,
         requestFactory=request_factory(limits.max_body_bytes),
     )
     return ProxyHarness(clock, agents, site)
