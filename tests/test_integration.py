@@ -755,6 +755,40 @@ class LocalAnswerTests(TestCase):
         self.assert_not_forwarded()
 
 
+class ConnectionCapTests(TestCase):
+    """max_connections over real sockets, plain and TLS."""
+
+    timeout = 60
+
+    async def test_past_the_cap_503_then_served_again(self) -> None:
+        """
+        With one connection held open and max_connections=1, a client gets a JSON 503
+        (plain HTTP and HTTP/1.1 over TLS); once the held one closes, it is served again.
+        """
+        mock = start_mock(self, "a")
+        proxy = start_proxy(self, [mock.upstream()], limits=Limits(max_connections=1))
+        held = socket.create_connection(("127.0.0.1", proxy.http_port), 30)
+        try:
+            await wait_for(lambda: proxy.connections.open_count == 1, "the held connection")
+            response = await _get(f"{proxy.http_url}/healthz")
+            _assert_openai_error(self, response, 503, "server_error", "too_many_connections")
+            self.assertEqual(response.headers.get("retry-after"), "1")
+
+            def tls_get() -> httpx.Response:
+                context = ssl.create_default_context(cafile=proxy.cert_path)
+                with httpx.Client(verify=context, timeout=30.0) as client:
+                    return client.get(f"{proxy.https_url}/healthz")
+
+            response = await _in_thread(tls_get)
+            _assert_openai_error(self, response, 503, "server_error", "too_many_connections")
+        finally:
+            held.close()
+        await wait_for(lambda: proxy.connections.open_count == 0, "the held one to close")
+        response = await _get(f"{proxy.http_url}/healthz")
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(mock.requests, [])
+
+
 class BodyCapTests(TestCase):
     """Request bodies over max_body_bytes, however they are framed, are answered 413."""
 
