@@ -154,6 +154,16 @@ class UpstreamConfig:
             raise ConfigError(f"key_env {self.key_env!r} is not an environment variable name")
         if self.ca_bundle is not None and parsed.scheme != "https":
             raise ConfigError("ca_bundle only applies to https:// upstreams")
+        if any(not 0x21 <= ord(c) <= 0x7E for c in "/".join(parsed.path)):
+            # The base path is written into every request line as it is.
+            raise ConfigError(
+                f"the path of upstream URL {self.url!r} must be printable ASCII without "
+                "spaces (percent-encode the rest)"
+            )
+        try:
+            str(parsed.host).encode("idna")
+        except UnicodeError:
+            raise ConfigError(f"upstream URL {self.url!r} has an invalid host name") from None
         if not self.name:
             object.__setattr__(self, "name", f"{parsed.host}:{parsed.port}")
 

@@ -14,7 +14,7 @@ from twisted.web._newclient import ParseError, ResponseNeverReceived
 from twisted.web.client import URI
 
 from oaiproxy.balancing.pool import Upstream
-from oaiproxy.config import UpstreamConfig
+from oaiproxy.config import ConfigError, UpstreamConfig
 from oaiproxy.errors import (
     UpstreamConnectFailed,
     UpstreamConnectTimeout,
@@ -127,6 +127,7 @@ class UpstreamAgentTests(SynchronousTestCase):
             )
             self.assertEqual(parsed.toBytes(), expected.toBytes(), url)
             self.assertEqual(target, expected.originForm, url)
+            self.assertEqual(target, parsed.originForm, url)
             self.assertEqual(key, (expected.scheme, expected.host, expected.port), url)
             self.assertEqual(method, b"POST")
 
@@ -138,6 +139,9 @@ class UpstreamAgentTests(SynchronousTestCase):
                 b"http://127.0.0.1:9001/v1/chat/completions",
                 b"http://127.0.0.1:9001/v1/models?limit=2&after=x",
                 b"http://127.0.0.1:9001/v1/files/f;a=b?x=1",
+                b"http://127.0.0.1:9001/v1/files/f;?x=1",
+                b"http://127.0.0.1:9001/v1/models;",
+                b"http://127.0.0.1:9001/v1/a%20b/..//c?q=%0d",
                 b"http://127.0.0.1:9001/",
             ],
         )
@@ -157,6 +161,20 @@ class UpstreamAgentTests(SynchronousTestCase):
         self.assert_same_as_twisted(
             "http://127.0.0.1:9001/v1",
             [b"http://127.0.0.1:9002/v1/models", b"http://127.0.0.1:9001/v1/models#frag"],
+        )
+
+    def test_unprintable_base_path_refused(self) -> None:
+        """A base URL that could not go into a request line as it is never gets that far."""
+        for url in [
+            "http://127.0.0.1:9001/v1 x",
+            "http://127.0.0.1:9001/v1\r\nX: y",
+            "http://127.0.0.1:9001/v1/caf\u00e9",
+        ]:
+            with self.assertRaises(ConfigError, msg=url):
+                UpstreamConfig(url)
+        # An international host name is fine: it goes out in its IDNA form.
+        self.assertEqual(
+            UpstreamConfig("https://b\u00fccher.example/v1").host_header, b"xn--bcher-kva.example"
         )
 
     def test_one_endpoint_reused(self) -> None:

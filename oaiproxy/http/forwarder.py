@@ -177,6 +177,10 @@ class _ProxyConnectionPool(HTTPConnectionPool):
     _factory = _QuietClientFactory
 
 
+# Printable ASCII but space, "#" and ";": request targets taken as they are, unparsed.
+_PLAIN_TARGET = bytes(c for c in range(0x21, 0x7F) if c not in b"#;")
+
+
 class _UpstreamAgent(Agent):
     """
     An L{Agent} for one upstream, whose URLs all start with the same origin: it builds their
@@ -208,16 +212,19 @@ class _UpstreamAgent(Agent):
     ) -> Deferred[IResponse]:
         origin = self._origin
         target = uri[len(origin) :]
-        if not origin or not uri.startswith(origin) or target[:1] != b"/" or b"#" in target:
+        if (
+            not origin
+            or not uri.startswith(origin)
+            or target[:1] != b"/"
+            # Twisted normalises fragments and path parameters (urlparse/urlunparse), and
+            # rejects anything but printable ASCII: leave those URLs to it.
+            or target.translate(None, _PLAIN_TARGET)
+        ):
             d: Deferred[IResponse] = super().request(method, uri, headers, bodyProducer)
             return d
         path, _, query = target.partition(b"?")
-        params = b""
-        semicolon = path.find(b";", path.rfind(b"/"))
-        if semicolon >= 0:  # parameters of the last segment, split off as urlparse does
-            path, params = path[:semicolon], path[semicolon + 1 :]
         netloc = origin[len(self._scheme) + 3 :]
-        parsed = URI(self._scheme, netloc, self._host, self._port, path, params, query, b"")
+        parsed = URI(self._scheme, netloc, self._host, self._port, path, b"", query, b"")
         if self._endpoint is None:
             self._endpoint = self._getEndpoint(parsed)  # type: ignore[no-untyped-call]
         key = (self._scheme, self._host, self._port)
