@@ -150,6 +150,24 @@ class BodyTests(SynchronousTestCase):
 
     def test_bad_request_id_replaced(self) -> None:
         """A client request id with spaces or too long is replaced by a generated one."""
+        for given in [b"a" * 300, b"a b", b"caf\xc3\xa9", b"a\x7f"]:
+            h = make_harness()
+            h.send(post(b"/v1/embeddings", b"{}", b"X-Request-Id: " + given + b"\r\n"))
+            sent = h.sent()[0].headers.getRawHeaders(b"x-request-id", [b""])[0]
+            self.assertEqual(len(sent), 32, given)
         h = make_harness()
-        h.send(post(b"/v1/embeddings", b"{}", b"X-Request-Id: " + b"a" * 300 + b"\r\n"))
-        self.assertEqual(len(h.sent()[0].headers.getRawHeaders(b"x-request-id", [b""])[0]), 32)
+        h.send(post(b"/v1/embeddings", b"{}", b"X-Request-Id: req-~!42\r\n"))
+        self.assertEqual(h.sent()[0].headers.getRawHeaders(b"x-request-id"), [b"req-~!42"])
+
+    def test_unprintable_target_400(self) -> None:
+        """
+        A request target with bytes outside printable ASCII is refused (by Twisted's parser,
+        or by the resource's own check behind it), never forwarded.
+        """
+        for target in [b"/v1/models\x7f", b"/v1/mod\xc3\xa9ls", b"/v1/models?q=\x80"]:
+            h = make_harness()
+            _, transport = h.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target)
+            status, _, body = parse_response(transport.value())
+            self.assertEqual(status, 400, target)
+            self.assertEqual(json.loads(body)["error"]["code"], "invalid_request")
+            self.assertEqual(h.sent(), [])
