@@ -132,3 +132,31 @@ class BuildServiceTests(SynchronousTestCase):
         text = "\n".join(formatEvent(e) for e in observer)
         self.assertIn("FAKE", text)
         self.assertIn("DEMO MODE", text)
+
+
+class ProxyTacTests(SynchronousTestCase):
+    """proxy.tac, the operator's file, builds the service that `twistd -ny` runs."""
+
+    def test_tac_builds_the_service(self) -> None:
+        """Loading proxy.tac gives an application with its listeners and upstreams."""
+        import os
+        from pathlib import Path
+
+        from twisted.application.internet import StreamServerEndpointService
+        from twisted.application.service import IServiceCollection, loadApplication
+
+        tac = Path(__file__).resolve().parent.parent / "proxy.tac"
+        workdir = Path(self.mktemp())
+        workdir.mkdir()
+        cwd = os.getcwd()
+        os.chdir(workdir)  # the self-signed certificate goes into ./.oaiproxy
+        try:
+            application = loadApplication(str(tac), "python")
+        finally:
+            os.chdir(cwd)
+        services = list(IServiceCollection(application))
+        self.assertEqual(len(services), 1)
+        top = list(IServiceCollection(services[0]))
+        endpoints = [s for s in top if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual(len(endpoints), 2)
+        self.assertTrue((workdir / ".oaiproxy" / "selfsigned-cert.pem").exists())
