@@ -87,6 +87,20 @@ class ForwardingTests(SynchronousTestCase):
         self.assertNotIn(b"connection", headers)
         self.assertNotIn(b"server", headers)
         self.assertEqual(len(headers[b"x-request-id"][0]), 32)
+        # The harness clock is at 0: the Date header is the site clock's, once.
+        self.assertEqual(headers[b"date"], [b"Thu, 01 Jan 1970 00:00:00 GMT"])
+
+    def test_date_header_follows_the_clock(self) -> None:
+        """The Date header is formatted from the site's clock, anew each second."""
+        h = make_harness()
+        h.clock.advance(86_400 * 365 + 61.5)
+        _, transport = h.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        h.clock.advance(1)
+        _, later = h.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = parse_response(transport.value())[1][b"date"]
+        second = parse_response(later.value())[1][b"date"]
+        self.assertEqual(first, [b"Fri, 01 Jan 1971 00:01:01 GMT"])
+        self.assertEqual(second, [b"Fri, 01 Jan 1971 00:01:02 GMT"])
 
     def test_no_content_has_no_length(self) -> None:
         """A 204 from upstream goes back as 204 without a body or Content-Length."""

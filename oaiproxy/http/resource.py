@@ -11,7 +11,9 @@ from typing import Any, ClassVar
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from typing_extensions import override
 
@@ -64,6 +66,18 @@ class _Sink:
         """Nothing to close."""
 
 
+_date_cache: list[Any] = [None, b""]
+
+
+def _http_date(now: float) -> bytes:
+    """The HTTP C{Date} value for C{now}, formatted once per second."""
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache[0], _date_cache[1] = second, datetimeToString(second)
+    value: bytes = _date_cache[1]
+    return value
+
+
 class ProxyRequest(server.Request):
     """
     A request whose body is capped at C{max_body_bytes}.
@@ -79,6 +93,25 @@ class ProxyRequest(server.Request):
     # Set when the 413 went straight to the HTTP/1.1 transport: nothing more may be written.
     answered_early = False
     _received = 0
+
+    @override
+    def process(self) -> None:
+        """
+        Twisted's C{Request.process} for a site whose root resource is the one leaf that
+        takes every request: no C{Server} header (the proxy names no server), a C{Date}
+        header formatted once per second on the site's clock, and no path traversal.
+        """
+        channel: Any = self.channel
+        site: Any = channel.site
+        self.site = site
+        self.responseHeaders.setRawHeaders(b"date", [_http_date(site.reactor.seconds())])
+        self.prepath = []
+        self.postpath = []
+        self.sitepath: list[bytes] = []
+        try:
+            self.render(site.resource)  # type: ignore[no-untyped-call]
+        except BaseException:
+            self.processingFailed(Failure())  # type: ignore[no-untyped-call]
 
     @override
     def gotLength(self, length: int | None) -> None:
@@ -221,8 +254,8 @@ class ProxyResource(Resource):
 
     @override
     def render(self, request: server.Request) -> bytes | int:
-        # Twisted's Request.process sets "Server: TwistedWeb/…"; the proxy names no server,
-        # on its own answers and on relayed ones alike.
+        # Twisted's Request.process sets "Server: TwistedWeb/…" (ProxyRequest.process does
+        # not): the proxy names no server, on its own answers and on relayed ones alike.
         request.responseHeaders.removeHeader(b"server")
         try:
             return self._render(request)
