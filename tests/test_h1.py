@@ -143,6 +143,34 @@ class RefusalTests(SynchronousTestCase):
         self.harness.clock.advance(15)
         self.assertTrue(transport.disconnected)
 
+    def test_expect_continue(self) -> None:
+        """
+        C{Expect: 100-continue} is answered by the proxy, the body then goes upstream, and
+        the Expect header does not.
+        """
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(_BODY)
+        )
+        proto, transport = self.harness.send(head)
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        proto.dataReceived(_BODY)
+        (sent,) = self.harness.sent()
+        self.assertEqual(sent.body, _BODY)
+        self.assertIsNone(sent.headers.getRawHeaders(b"expect"))
+
+    def test_expect_continue_over_cap(self) -> None:
+        """A body known to be over the cap gets its 413 alone: no 100 Continue after it."""
+        harness = make_harness(limits=Limits(max_body_bytes=1024))
+        _, transport = harness.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        raw = transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw[:40])
+        self.assertNotIn(b"100 Continue", raw)
+        self.assertTrue(raw.endswith(b"}}"), raw[-40:])
+
     def test_chunked_body_accepted(self) -> None:
         """Transfer-Encoding: chunked alone is fine (any case)."""
         raw = (

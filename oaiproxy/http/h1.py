@@ -24,9 +24,9 @@ refusal the connection is aborted if it has not closed within C{abortTimeout} (a
 does not read cannot hold it).
 
 Nothing refused here reaches the resource, so nothing is forwarded upstream. Written against
-Twisted 26.10.0: it overrides C{HTTPChannel._respondToBadRequestAndDisconnect}, sets
-C{_transferDecoder}, and reads C{_handlingRequest}, C{_version}, C{_receivedHeaderSize},
-C{_receivedHeaderCount} and C{LineReceiver._buffer}, which are private.
+Twisted 26.10.0: it overrides C{HTTPChannel._respondToBadRequestAndDisconnect} and
+C{_send100Continue}, sets C{_transferDecoder}, and reads C{_handlingRequest}, C{_version},
+C{_receivedHeaderSize}, C{_receivedHeaderCount} and C{LineReceiver._buffer}, which are private.
 """
 
 from __future__ import annotations
@@ -170,6 +170,18 @@ class ProxyHTTPChannel(HTTPChannel):
         self._in_head = False
         self._in_body = True
         super().allHeadersReceived()
+
+    @override
+    def _send100Continue(self) -> None:
+        """
+        Invite the body (C{Expect: 100-continue}), unless the request was already answered:
+        a body known to be over the cap gets its 413 from L{ProxyRequest.gotLength} just
+        before this, and Twisted would write C{100 Continue} after that answer.
+        """
+        request = self.requests[-1] if self.requests else None
+        if self._refused or getattr(request, "answered_early", False):
+            return
+        super()._send100Continue()
 
     @override
     def allContentReceived(self) -> None:
