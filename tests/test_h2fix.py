@@ -19,6 +19,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+from hyperframe.frame import PriorityFrame
 from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IProtocol, IProtocolNegotiationFactory, IPushProducer
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
@@ -514,6 +515,58 @@ class ExcessStreamTests(_H2TestCase):
         self.assertEqual(client.reset_codes, {stream: h2.errors.ErrorCodes.REFUSED_STREAM})
         self.assertEqual(client.terminated, [])
         self.assertEqual(self.app.requests, [])
+
+
+class PriorityFrameTests(_H2TestCase):
+    """PRIORITY frames for streams that are not open are ignored, whatever their number."""
+
+    def send_priorities(self, client: H2Client, stream_ids: range) -> None:
+        for stream_id in stream_ids:
+            frame = PriorityFrame(stream_id)
+            frame.depends_on = 0
+            frame.stream_weight = 16
+            self.connection.dataReceived(frame.serialize())
+
+    def test_many_idle_stream_priorities(self) -> None:
+        """
+        1,500 PRIORITY frames for idle streams (past the priority library's limit of 1,000)
+        neither raise nor end the connection; a request after them is served.
+        """
+        self.connection, _, client = self.serve()
+        self.send_priorities(client, range(1, 3001, 2))
+        client.receive()
+        self.assertEqual(client.terminated, [])
+        stream = client.request(path=b"/late")
+        self.settle()
+        self.assertEqual([r.path for r in self.app.requests], [b"/late"])
+        self.app.requests[0].finish()
+        self.settle()
+        client.receive()
+        self.assertIn(stream, client.ended)
+
+    def test_closed_stream_priority_not_kept(self) -> None:
+        """A PRIORITY frame for a finished stream does not put it back in the tree."""
+        self.connection, _, client = self.serve()
+        stream = client.request()
+        self.settle()
+        self.app.requests[0].finish()
+        self.settle()
+        client.receive()
+        self.assertIn(stream, client.ended)
+        before = len(self.connection.priority._streams)
+        self.send_priorities(client, range(stream, stream + 1))
+        self.assertEqual(len(self.connection.priority._streams), before)
+
+    def test_open_stream_priority_applied(self) -> None:
+        """A PRIORITY frame for an open stream still reaches the tree."""
+        self.connection, _, client = self.serve()
+        stream = client.request()
+        self.settle()
+        frame = PriorityFrame(stream)
+        frame.depends_on = 0
+        frame.stream_weight = 200
+        self.connection.dataReceived(frame.serialize())
+        self.assertEqual(self.connection.priority._streams[stream].weight, 201)
 
 
 class SwitchAndSiteTests(SynchronousTestCase):

@@ -26,6 +26,9 @@ What changes compared with Twisted's own classes:
    stream waiting on a slow upstream (a long silent generation) gets its connection cut. Here
    the timeout is re-armed while every open stream is waiting on this server; a connection
    whose client has stopped sending or reading is still timed out.
+ - B{PRIORITY only for open streams.} Twisted inserts a never-removed node in its priority
+   tree for a PRIORITY frame on any idle or closed stream; past 1,000 the C{priority} library
+   raises out of C{dataReceived}. Here such frames are ignored.
  - B{Injected reactor.} Twisted's ALPN switch builds C{H2Connection()}, which takes the global
    reactor; L{ProxySite} and L{ProxyHTTPChannelSwitch} pass theirs down.
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, Final, cast
 
 import h2.errors
@@ -150,6 +154,21 @@ class ProxyH2Connection(H2Connection):
     def _requestReceived(self, event: h2.events.RequestReceived) -> None:
         super()._requestReceived(event)
         self._queued_bytes[event.stream_id] = 0
+
+    @override
+    def _handlePriorityUpdate(self, event: h2.events.PriorityUpdated) -> None:
+        """
+        Apply a client's priority only to a stream that is open. Twisted inserts a node for
+        any other stream id, idle or closed, and never removes it: a client sending PRIORITY
+        frames for many ids grows the tree until the C{priority} library's limit of 1,000
+        raises out of C{dataReceived} (a traceback and a dropped connection). RFC 9113
+        deprecates this signal; ignoring it for streams not open loses nothing.
+        """
+        if event.stream_id not in self.streams:
+            return
+        # A priority that cannot be applied (a dependency loop, say) leaves the stream as is.
+        with suppress(priority.PriorityLoop, priority.BadWeightError, priority.PseudoStreamError):
+            super()._handlePriorityUpdate(event)
 
     @override
     def _requestEnded(self, event: h2.events.StreamEnded) -> None:
