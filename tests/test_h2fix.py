@@ -19,7 +19,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
-from hyperframe.frame import PriorityFrame
+from hyperframe.frame import ContinuationFrame, HeadersFrame, PriorityFrame
 from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IProtocol, IProtocolNegotiationFactory, IPushProducer
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
@@ -567,6 +567,30 @@ class PriorityFrameTests(_H2TestCase):
         frame.stream_weight = 200
         self.connection.dataReceived(frame.serialize())
         self.assertEqual(self.connection.priority._streams[stream].weight, 201)
+
+
+class DeadConnectionTests(_H2TestCase):
+    """After a protocol error, what the client still sends is not buffered."""
+
+    def test_flood_after_goaway_not_buffered(self) -> None:
+        """
+        A CONTINUATION flood: h2 ends the connection (GOAWAY) after its backlog of
+        CONTINUATION frames, and the megabytes the client keeps sending are dropped.
+        """
+        connection, _, client = self.serve()
+        headers = HeadersFrame(1)
+        headers.data = b"\x82"  # :method GET (indexed), and no END_HEADERS
+        connection.dataReceived(headers.serialize())
+        continuation = ContinuationFrame(1)
+        continuation.data = b"\x00" * 16_000
+        for _ in range(200):  # 3.2 MB, past h2's backlog of 64 CONTINUATION frames
+            connection.dataReceived(continuation.serialize())
+        client.receive()
+        self.assertEqual(
+            [e.error_code for e in client.terminated], [h2.errors.ErrorCodes.PROTOCOL_ERROR]
+        )
+        self.assertLess(len(connection.conn.incoming_buffer._data), 100_000)
+        self.assertEqual(self.app.requests, [])
 
 
 class SwitchAndSiteTests(SynchronousTestCase):

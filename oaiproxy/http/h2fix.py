@@ -26,6 +26,8 @@ What changes compared with Twisted's own classes:
    stream waiting on a slow upstream (a long silent generation) gets its connection cut. Here
    the timeout is re-armed while every open stream is waiting on this server; a connection
    whose client has stopped sending or reading is still timed out.
+ - B{Nothing read into a dead connection.} After a GOAWAY, bytes that still arrive are
+   dropped instead of being appended to h2's frame buffer (a flood would sit there).
  - B{PRIORITY only for open streams.} Twisted inserts a never-removed node in its priority
    tree for a PRIORITY frame on any idle or closed stream; past 1,000 the C{priority} library
    raises out of C{dataReceived}. Here such frames are ignored.
@@ -40,6 +42,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Final, cast
 
+import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -140,6 +143,12 @@ class ProxyH2Connection(H2Connection):
     @override
     def dataReceived(self, data: bytes) -> None:
         """Handle the client's bytes; re-plan streams if it resized its stream windows."""
+        if self.conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
+            # GOAWAY went out (a protocol error) or came in: the connection is being torn
+            # down. h2 would append whatever still arrives to its frame buffer before
+            # refusing it, so a client flooding a dead connection (a CONTINUATION flood, say)
+            # held its bytes in memory until a full garbage collection.
+            return
         initial_window = self.conn.remote_settings.initial_window_size
         super().dataReceived(data)
         # A new SETTINGS_INITIAL_WINDOW_SIZE resizes every stream window without any
