@@ -16,6 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseFailed
 
 from oaiproxy.config import Deadlines, Limits
+from oaiproxy.http.exchange import Exchange
+from oaiproxy.http.forwarder import BytesProducer
 from oaiproxy.http.relay import downstream_backlog
 from tests.support.fakes import (
     FakeResponse,
@@ -165,6 +167,58 @@ class ForwardingTests(SynchronousTestCase):
         self.assertEqual(
             h.sent()[0].headers.getRawHeaders(b"authorization"), [b"Bearer sk-upstream"]
         )
+
+
+class MemoryTests(SynchronousTestCase):
+    """A finished exchange does not keep its request body alive."""
+
+    def test_body_released(self) -> None:
+        """
+        The request's content file is let go once read, the upstream body producer keeps no
+        copy, and the exchange drops the body when it ends (after a failover, too).
+        """
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        requests: list[Any] = []
+        exchanges: list[Exchange] = []
+        factory = h.site.requestFactory
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            request = factory(*args, **kwargs)
+            requests.append(request)
+            return request
+
+        h.site.requestFactory = recording  # type: ignore[assignment]
+        start = Exchange.start
+
+        def recording_start(exchange: Exchange) -> None:
+            exchanges.append(exchange)
+            start(exchange)
+
+        self.patch(Exchange, "start", recording_start)
+        body = json.dumps({"input": "x" * 100_000}).encode()
+        _, transport = h.send(post(b"/v1/embeddings", body))
+        (request,) = requests
+        (exchange,) = exchanges
+        request.content.seek(0)
+        self.assertEqual(request.content.read(), b"")
+        self.assertEqual(len(exchange.ctx.body), len(body))  # kept for a failover
+        h.sent("a")[0].deferred.callback(FakeResponse(503, {}, length=0))
+        self.assertEqual(h.sent("b")[0].body, body)  # the failover sent it whole
+        response = FakeResponse(200, {}, length=2)
+        h.sent("b")[0].deferred.callback(response)
+        response.deliver(b"{}")
+        response.end()
+        self.assertEqual(parse_response(transport.value())[0], 200)
+        self.assertEqual(exchange.ctx.body, b"")
+
+    def test_body_producer_keeps_no_copy(self) -> None:
+        """The upstream body producer writes its body once and lets go of it."""
+        producer = BytesProducer(b"x" * 1000)
+        written: list[bytes] = []
+        consumer: Any = type("_Consumer", (), {"write": lambda self, data: written.append(data)})()
+        producer.startProducing(consumer)
+        self.assertEqual((written, producer.length), ([b"x" * 1000], 1000))
+        self.assertEqual(producer._body, b"")
 
 
 class FailoverTests(SynchronousTestCase):

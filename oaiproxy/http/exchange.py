@@ -181,6 +181,15 @@ class Exchange:
     def _finish(self) -> None:
         self.done = True
         self._cancel_timers()
+        self._release()
+
+    def _release(self) -> None:
+        """
+        Drop the request body once no attempt can follow: the exchange may sit in a
+        reference cycle (Deferreds, the relay) until a full garbage collection, and a body
+        can be as large as max_body_bytes.
+        """
+        self.ctx.body = b""
 
     def _give_up(self, error: ProxyError) -> None:
         """Answer the client with C{error}; nothing has been written downstream yet."""
@@ -188,6 +197,7 @@ class Exchange:
             return
         self.done = True
         self._cancel_timers()
+        self._release()
         if isinstance(error, UpstreamConnectFailed | UpstreamBadStatus) and not error.retry_after:
             error.retry_after = 1
         if not self.client_gone:
@@ -208,6 +218,7 @@ class Exchange:
         else:
             self.done = True
             self._cancel_timers()
+            self._release()
         if pending is not None:
             pending.cancel()
 

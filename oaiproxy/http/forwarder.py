@@ -65,7 +65,8 @@ class BytesProducer:
         self.length = len(body)
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
+        body, self._body = self._body, b""  # written once: do not keep a copy alive
+        consumer.write(body)
         return succeed(None)
 
     def pauseProducing(self) -> None:

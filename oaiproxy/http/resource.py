@@ -296,6 +296,11 @@ class ProxyResource(Resource):
         assert request.content is not None
         request.content.seek(0)
         body = request.content.read()
+        # The body now lives in the request context only. Twisted's request keeps its content
+        # file until the request is garbage (often a cycle, so a full collection away): let
+        # go of it now, or every finished request could hold up to max_body_bytes.
+        request.content.close()
+        request.content = _Sink()
         model, stream = None, False
         rest = path[3:]
         if method in (b"POST", b"PUT", b"PATCH") and _is_json_body(request, rest):
