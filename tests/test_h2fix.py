@@ -19,7 +19,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
-from hyperframe.frame import ContinuationFrame, HeadersFrame, PriorityFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PriorityFrame
 from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IProtocol, IProtocolNegotiationFactory, IPushProducer
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
@@ -33,6 +33,7 @@ from zope.interface.verify import verifyObject
 
 from oaiproxy.http.h2fix import (
     DEFAULT_STREAM_HIGH_WATER,
+    MAX_EMPTY_DATA_FRAMES,
     ProxyH2Connection,
     ProxyHTTPChannelSwitch,
     ProxySite,
@@ -591,6 +592,43 @@ class DeadConnectionTests(_H2TestCase):
         )
         self.assertLess(len(connection.conn.incoming_buffer._data), 100_000)
         self.assertEqual(self.app.requests, [])
+
+
+class EmptyFrameFloodTests(_H2TestCase):
+    """Empty DATA frames that end nothing are allowed up to a point, then the connection ends."""
+
+    def empty_data(self, connection: ProxyH2Connection, stream: int, count: int) -> None:
+        frame = DataFrame(stream)
+        frame.data = b""
+        connection.dataReceived(frame.serialize() * count)
+
+    def test_flood_closes_with_enhance_your_calm(self) -> None:
+        """101 empty DATA frames: GOAWAY ENHANCE_YOUR_CALM, and the rest is not read."""
+        connection, transport, client = self.serve()
+        stream = client.request(b"POST", body=b"{", end_stream=False)
+        self.settle()
+        self.empty_data(connection, stream, MAX_EMPTY_DATA_FRAMES + 1)
+        client.receive()
+        self.assertEqual(
+            [e.error_code for e in client.terminated],
+            [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM],
+        )
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_few_empty_frames_are_fine(self) -> None:
+        """Up to the limit, empty frames are harmless and the request completes."""
+        connection, _, client = self.serve()
+        stream = client.request(b"POST", body=b"{", end_stream=False)
+        self.settle()
+        self.empty_data(connection, stream, MAX_EMPTY_DATA_FRAMES)
+        client.h2.send_data(stream, b"}", end_stream=True)
+        client.send()
+        self.settle()
+        client.receive()
+        self.assertEqual(client.terminated, [])
+        content = self.app.requests[0].content
+        assert content is not None
+        self.assertEqual(content.read(), b"{}")
 
 
 class SwitchAndSiteTests(SynchronousTestCase):

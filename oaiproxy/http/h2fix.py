@@ -28,6 +28,8 @@ What changes compared with Twisted's own classes:
    whose client has stopped sending or reading is still timed out.
  - B{Nothing read into a dead connection.} After a GOAWAY, bytes that still arrive are
    dropped instead of being appended to h2's frame buffer (a flood would sit there).
+ - B{No empty-frame floods.} More than 100 DATA frames that carry nothing and end nothing
+   close the connection with GOAWAY ENHANCE_YOUR_CALM (CVE-2019-9518).
  - B{PRIORITY only for open streams.} Twisted inserts a never-removed node in its priority
    tree for a PRIORITY frame on any idle or closed stream; past 1,000 the C{priority} library
    raises out of C{dataReceived}. Here such frames are ignored.
@@ -48,6 +50,7 @@ import h2.events
 import h2.exceptions
 import priority
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -75,6 +78,9 @@ __all__ = [
     "ProxySite",
     "require_h2",
 ]
+
+#: Empty DATA frames (no data, no END_STREAM) one connection may send before it is closed.
+MAX_EMPTY_DATA_FRAMES: Final = 100
 
 DEFAULT_STREAM_HIGH_WATER: Final = 256 * 1024
 """Bytes of response data queued per HTTP/2 stream before its producer is paused."""
@@ -128,6 +134,7 @@ class ProxyH2Connection(H2Connection):
         self._above_high_water: set[int] = set()
         # Streams whose request (headers and body) has been received in full.
         self._request_complete: set[int] = set()
+        self._empty_data_frames = 0
         super().__init__(reactor)
         # Twisted's own state machine, but refusing streams over the limit one by one
         # (REFUSED_STREAM) instead of failing the whole connection: see h2streams.
@@ -178,6 +185,30 @@ class ProxyH2Connection(H2Connection):
         # A priority that cannot be applied (a dependency loop, say) leaves the stream as is.
         with suppress(priority.PriorityLoop, priority.BadWeightError, priority.PseudoStreamError):
             super()._handlePriorityUpdate(event)
+
+    @override
+    def _requestDataReceived(self, event: h2.events.DataReceived) -> None:
+        """
+        Count DATA frames that carry nothing and end nothing: a flood of them costs CPU and
+        moves no request forward (CVE-2019-9518). Past L{MAX_EMPTY_DATA_FRAMES} on one
+        connection it is closed with GOAWAY ENHANCE_YOUR_CALM.
+        """
+        if not event.data and event.stream_ended is None:
+            self._empty_data_frames += 1
+            if self._empty_data_frames > MAX_EMPTY_DATA_FRAMES:
+                self._calm_down("too many empty DATA frames")
+                return
+        super()._requestDataReceived(event)
+
+    def _calm_down(self, why: str) -> None:
+        """End the connection with GOAWAY ENHANCE_YOUR_CALM."""
+        if self.conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
+            return
+        transport: Any = self.transport
+        peer = transport.getPeer() if transport is not None else None
+        self._log.info("closing an HTTP/2 connection from {client}: {why}", client=peer, why=why)
+        self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self._terminate(Failure(ConnectionLost(why)))
 
     @override
     def _requestEnded(self, event: h2.events.StreamEnded) -> None:
