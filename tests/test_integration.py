@@ -147,6 +147,16 @@ def _check_stream(test: TestCase, chunks: list[ChatCompletionChunk]) -> None:
     test.assertEqual((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens), _USAGE)
 
 
+def _assert_raw_openai_error(test: TestCase, raw: bytes, status: int, code: str) -> bytes:
+    """C{raw} is one HTTP/1.1 response: C{status}, an OpenAI error with C{code}; its head."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    test.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), head)
+    error = json.loads(body)["error"]
+    test.assertEqual(set(error), _ERROR_KEYS)
+    test.assertEqual(error["code"], code)
+    return head
+
+
 async def _raw_exchange(port: int, data: bytes) -> bytes:
     """Send C{data} on a new socket to the proxy, and read until the proxy closes it."""
 
@@ -746,12 +756,8 @@ class LocalAnswerTests(TestCase):
             b"Content-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
             b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n",
         )
-        head, _, body = raw.partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+        head = _assert_raw_openai_error(self, raw, 400, "invalid_request")
         self.assertIn(b"x-request-id: ", head.lower())
-        error = json.loads(body)["error"]
-        self.assertEqual(set(error), _ERROR_KEYS)
-        self.assertEqual(error["code"], "invalid_request")
         self.assert_not_forwarded()
 
 
@@ -847,12 +853,8 @@ class BodyCapTests(TestCase):
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
             b"Content-Type: application/json\r\nContent-Length: 2000\r\n\r\n",
         )
-        head, _, body = raw.partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
+        head = _assert_raw_openai_error(self, raw, 413, "request_too_large")
         self.assertIn(b"connection: close", head.lower())
-        error = json.loads(body)["error"]
-        self.assertEqual(set(error), _ERROR_KEYS)
-        self.assertEqual(error["code"], "request_too_large")
         self.assert_not_forwarded()
 
     async def test_http11_chunked_413(self) -> None:

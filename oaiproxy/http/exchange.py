@@ -179,25 +179,20 @@ class Exchange:
     # -- endings -------------------------------------------------------------------------
 
     def _finish(self) -> None:
+        """
+        Mark the exchange done: cancel its timers and drop the request body, which no
+        attempt will need again (the exchange may sit in a reference cycle, Deferreds and the
+        relay, until a full garbage collection, and a body can be max_body_bytes).
+        """
         self.done = True
         self._cancel_timers()
-        self._release()
-
-    def _release(self) -> None:
-        """
-        Drop the request body once no attempt can follow: the exchange may sit in a
-        reference cycle (Deferreds, the relay) until a full garbage collection, and a body
-        can be as large as max_body_bytes.
-        """
         self.ctx.body = b""
 
     def _give_up(self, error: ProxyError) -> None:
         """Answer the client with C{error}; nothing has been written downstream yet."""
         if self.done:
             return
-        self.done = True
-        self._cancel_timers()
-        self._release()
+        self._finish()
         if isinstance(error, UpstreamConnectFailed | UpstreamBadStatus) and not error.retry_after:
             error.retry_after = 1
         if not self.client_gone:
@@ -216,9 +211,7 @@ class Exchange:
         if error is not None:
             self._give_up(error)
         else:
-            self.done = True
-            self._cancel_timers()
-            self._release()
+            self._finish()
         if pending is not None:
             pending.cancel()
 

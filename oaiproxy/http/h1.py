@@ -97,7 +97,7 @@ class ProxyHTTPChannel(HTTPChannel):
         if self._refused:
             return
         super().dataReceived(data)
-        if self._partial_line() and self._head_deadline is None and not self._refused:
+        if self._head_deadline is None and not self._refused and self._partial_line():
             # The first bytes of a head whose first line has not ended yet.
             self._arm_head_deadline()
 

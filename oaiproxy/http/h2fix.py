@@ -150,7 +150,7 @@ class ProxyH2Connection(H2Connection):
     @override
     def dataReceived(self, data: bytes) -> None:
         """Handle the client's bytes; re-plan streams if it resized its stream windows."""
-        if self.conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
+        if self._closed:
             # GOAWAY went out (a protocol error) or came in: the connection is being torn
             # down. h2 would append whatever still arrives to its frame buffer before
             # refusing it, so a client flooding a dead connection (a CONTINUATION flood, say)
@@ -170,6 +170,11 @@ class ProxyH2Connection(H2Connection):
     def _requestReceived(self, event: h2.events.RequestReceived) -> None:
         super()._requestReceived(event)
         self._queued_bytes[event.stream_id] = 0
+
+    @property
+    def _closed(self) -> bool:
+        """Whether GOAWAY went out or came in: the connection is being torn down."""
+        return self.conn.state_machine.state is h2.connection.ConnectionState.CLOSED
 
     @override
     def _handlePriorityUpdate(self, event: h2.events.PriorityUpdated) -> None:
@@ -202,7 +207,7 @@ class ProxyH2Connection(H2Connection):
 
     def _calm_down(self, why: str) -> None:
         """End the connection with GOAWAY ENHANCE_YOUR_CALM."""
-        if self.conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
+        if self._closed:
             return
         transport: Any = self.transport
         peer = transport.getPeer() if transport is not None else None

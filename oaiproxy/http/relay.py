@@ -176,7 +176,7 @@ class Relay(Protocol):
     def pauseProducing(self) -> None:
         """
         The client is not keeping up: stop reading from the upstream. If it does not catch
-        up within the send deadline, the response is cut (see L{_stalled}).
+        up within the send deadline, the response is cut (see L{_stall_check}).
         """
         self._paused = True
         self._cancel_idle()
@@ -274,12 +274,16 @@ class Relay(Protocol):
             self._request.write(error.to_sse())
             self._end(None)
         else:
-            on_end = self._on_end
-            self._on_end = None
-            self._cleanup()
-            abort_downstream(self._request)
-            if on_end is not None:
-                on_end(None)
+            self._cut()
+
+    def _cut(self) -> None:
+        """End by cutting the response short for the client (it cannot take it as whole)."""
+        on_end = self._on_end
+        self._on_end = None
+        self._cleanup()
+        abort_downstream(self._request)
+        if on_end is not None:
+            on_end(None)
 
     def _end(self, error: ProxyError | None) -> None:
         on_end = self._on_end
@@ -348,12 +352,8 @@ class Relay(Protocol):
             timeout=self._send_timeout,
             request_id=self._request_id.decode("ascii", "replace"),
         )
-        on_end = self._on_end
-        self._on_end = None
         self._stop_upstream()
-        self._cleanup()
-        abort_downstream(self._request)
-        on_end(None)
+        self._cut()
 
     def _idle_expired(self) -> None:
         self._idle_call = None

@@ -6,6 +6,7 @@ request, and the one place where a L{ProxyError} becomes an OpenAI-shaped JSON r
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred
@@ -66,15 +67,10 @@ class _Sink:
         """Nothing to close."""
 
 
-_date_cache: list[Any] = [None, b""]
-
-
-def _http_date(now: float) -> bytes:
-    """The HTTP C{Date} value for C{now}, formatted once per second."""
-    second = int(now)
-    if _date_cache[0] != second:
-        _date_cache[0], _date_cache[1] = second, datetimeToString(second)
-    value: bytes = _date_cache[1]
+@lru_cache(maxsize=1)
+def _http_date(second: int) -> bytes:
+    """The HTTP C{Date} value for C{second}, formatted once per second."""
+    value: bytes = datetimeToString(second)
     return value
 
 
@@ -104,7 +100,7 @@ class ProxyRequest(server.Request):
         channel: Any = self.channel
         site: Any = channel.site
         self.site = site
-        self.responseHeaders.setRawHeaders(b"date", [_http_date(site.reactor.seconds())])
+        self.responseHeaders.setRawHeaders(b"date", [_http_date(int(site.reactor.seconds()))])
         self.prepath = []
         self.postpath = []
         self.sitepath: list[bytes] = []
@@ -254,9 +250,6 @@ class ProxyResource(Resource):
 
     @override
     def render(self, request: server.Request) -> bytes | int:
-        # Twisted's Request.process sets "Server: TwistedWeb/…" (ProxyRequest.process does
-        # not): the proxy names no server, on its own answers and on relayed ones alike.
-        request.responseHeaders.removeHeader(b"server")
         try:
             return self._render(request)
         except ProxyError as error:
