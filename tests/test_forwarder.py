@@ -5,13 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.protocol import Factory
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ParseError, ResponseNeverReceived
+from twisted.web._newclient import Request as ClientRequest
 from twisted.web.client import URI
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
 
 from oaiproxy.balancing.pool import Upstream
 from oaiproxy.config import ConfigError, UpstreamConfig
@@ -21,7 +25,13 @@ from oaiproxy.errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
-from oaiproxy.http.forwarder import DeadlineEndpoint, build_agents, map_failure
+from oaiproxy.http.forwarder import (
+    BytesProducer,
+    DeadlineEndpoint,
+    _UpstreamRequest,
+    build_agents,
+    map_failure,
+)
 from tests.support.fakes import HangingEndpoint
 
 
@@ -191,3 +201,87 @@ class UpstreamAgentTests(SynchronousTestCase):
         for _ in range(3):
             agent.request(b"GET", b"http://127.0.0.1:9001/v1/models")
         self.assertEqual(len(made), 1)
+
+
+class UpstreamRequestTests(SynchronousTestCase):
+    """An in-memory body goes out with its head at once, byte for byte as Twisted writes it."""
+
+    def written(self, request_class: Any, body: bytes | None, method: bytes = b"POST") -> bytes:
+        headers = Headers({b"host": [b"up.example"], b"x-a": [b"1", b"2"]})
+        producer = None if body is None else BytesProducer(body)
+        request = request_class(method, b"/v1/chat/completions?x=1", headers, producer, True)
+        transport = StringTransport()
+        d = request.writeTo(transport)
+        self.assertIsNone(self.successResultOf(d))
+        value: bytes = transport.value()
+        return value
+
+    def test_same_bytes_as_twisted(self) -> None:
+        """For empty, small and large bodies, and for no body at all."""
+        for body in [b"", b'{"model": "m"}', b"x" * 300_000, None]:
+            self.assertEqual(
+                self.written(_UpstreamRequest, body), self.written(ClientRequest, body), body
+            )
+        self.assertEqual(
+            self.written(_UpstreamRequest, None, b"GET"), self.written(ClientRequest, None, b"GET")
+        )
+
+    def test_body_not_kept(self) -> None:
+        """The producer hands its body over: no copy of it stays behind."""
+        producer = BytesProducer(b"abc")
+        request = _UpstreamRequest(b"POST", b"/", Headers({b"host": [b"h"]}), producer, True)
+        request.writeTo(StringTransport())
+        self.assertEqual(producer.take(), b"")
+
+    def test_other_producers_take_twisteds_path(self) -> None:
+        """A producer of unknown length still goes out chunked, through Twisted's code."""
+
+        @implementer(IBodyProducer)
+        class Streaming:
+            length = UNKNOWN_LENGTH
+
+            def startProducing(self, consumer: Any) -> Any:
+                consumer.write(b"hello")
+                return succeed(None)
+
+            def stopProducing(self) -> None:
+                pass
+
+            def pauseProducing(self) -> None:
+                pass
+
+            def resumeProducing(self) -> None:
+                pass
+
+        request = _UpstreamRequest(b"POST", b"/", Headers({b"host": [b"h"]}), Streaming(), True)
+        transport = StringTransport()
+        request.writeTo(transport)
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", transport.value())
+        self.assertTrue(transport.value().endswith(b"5\r\nhello\r\n0\r\n\r\n"))
+
+    def test_agent_sends_through_it(self) -> None:
+        """The per-upstream agent writes requests with L{_UpstreamRequest}, body and all."""
+        reactor = MemoryReactorClock()
+        agents, _ = build_agents(
+            reactor,
+            [Upstream(UpstreamConfig("http://127.0.0.1:9001/v1", name="u"))],
+            connect_timeout=1.0,
+            idle_connections=4,
+            keepalive=4.0,
+        )
+        d = agents["u"].request(
+            b"POST", b"http://127.0.0.1:9001/v1/embeddings", None, BytesProducer(b"{}")
+        )
+        factory = reactor.tcpClients[0][2]
+        protocol: Any = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertEqual(
+            transport.value(),
+            b"POST /v1/embeddings HTTP/1.1\r\nContent-Length: 2\r\nHost: 127.0.0.1:9001\r\n\r\n{}",
+        )
+        client = protocol._wrappedProtocol
+        self.assertIsInstance(client._currentRequest, _UpstreamRequest)
+        # Written at once: the protocol already waits for the response.
+        self.assertEqual(client._state, "WAITING")
+        self.assertNoResult(d)
