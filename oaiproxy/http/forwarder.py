@@ -53,6 +53,7 @@ from oaiproxy.errors import (
 from oaiproxy.http.chunked import ChunkedDecoder
 from oaiproxy.http.headers import upstream_request_headers
 from oaiproxy.http.nodelay import set_no_delay
+from oaiproxy.http.responsehead import parse_head
 from oaiproxy.tls import upstream_tls_options
 
 __all__ = ["BytesProducer", "DeadlineEndpoint", "Forwarder", "build_agents", "map_failure"]
@@ -143,7 +144,20 @@ class _UpstreamEndpointFactory:
 
 
 class _ProxyClientProtocol(HTTP11ClientProtocol):
-    """Twisted's upstream HTTP/1.1 client protocol, with L{ChunkedDecoder} for chunked bodies."""
+    """
+    Twisted's upstream HTTP/1.1 client protocol, with L{ChunkedDecoder} for chunked bodies and
+    response heads read at once (L{parse_head}).
+    """
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        # Twisted 26.10.0's, with parse_head in front of the parser's line-by-line path.
+        try:
+            parser: Any = self._parser
+            if not parse_head(parser, data):
+                parser.dataReceived(data)
+        except BaseException:
+            self._giveUp(Failure())  # type: ignore[no-untyped-call]
 
     @override
     def connectionMade(self) -> None:
