@@ -6,11 +6,14 @@ import json
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 
 from oaiproxy.config import Limits
+from oaiproxy.http.h1 import ProxyHTTPChannel
 from tests.support.fakes import ProxyHarness, make_harness, parse_response, post
 
 _BODY = b'{"model":"m","messages":[]}'
@@ -342,3 +345,30 @@ class SlowClientTests(SynchronousTestCase):
         self.clock.advance(120)
         self.assertFalse(transport.disconnecting)
         self.assertEqual(transport.value(), b"")
+
+
+class WriteHeadersTests(SynchronousTestCase):
+    """The response head goes out as one string, byte for byte what Twisted writes."""
+
+    def test_same_bytes_as_twisted(self) -> None:
+        headers = Headers(
+            {b"content-type": [b"application/json"], b"x-a": [b"1", b"2"], b"x-empty": [b""]}
+        )
+        written = []
+        for channel in [ProxyHTTPChannel(MemoryReactorClock()), HTTPChannel()]:
+            transport = StringTransport()
+            channel.makeConnection(transport)
+            channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+            written.append(transport.value())
+            channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(written[0], written[1])
+        self.assertTrue(written[0].startswith(b"HTTP/1.1 200 OK\r\n"))
+
+    def test_pairs_still_sanitised(self) -> None:
+        """The old list-of-pairs form still goes through Twisted's sanitising path."""
+        channel = ProxyHTTPChannel(MemoryReactorClock())
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", [(b"x-a", b"b\r\nInjected: 1")])
+        self.assertNotIn(b"\r\nInjected", transport.value())
+        channel.connectionLost(Failure(ConnectionDone()))
