@@ -54,6 +54,7 @@ from oaiproxy.http.chunked import ChunkedDecoder
 from oaiproxy.http.headers import upstream_request_headers
 from oaiproxy.http.nodelay import set_no_delay
 from oaiproxy.http.responsehead import parse_head
+from oaiproxy.http.sendnow import plain_tcp, send_now
 from oaiproxy.tls import upstream_tls_options
 
 __all__ = ["BytesProducer", "DeadlineEndpoint", "Forwarder", "build_agents", "map_failure"]
@@ -167,6 +168,8 @@ class _ProxyClientProtocol(HTTP11ClientProtocol):
     @override
     def request(self, request: Any) -> Deferred[IResponse]:
         d: Deferred[IResponse] = super().request(request)
+        # Written whole already (a body in memory): the upstream can start on it now.
+        send_now(plain_tcp(self.transport))
         parser = getattr(self, "_parser", None)
         if parser is not None:
             # The decoder is looked up on the parser when the response head arrives, which is

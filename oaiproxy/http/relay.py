@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from oaiproxy.errors import ProxyError, UpstreamDisconnected, UpstreamTimeout
 from oaiproxy.http.headers import downstream_response_headers
+from oaiproxy.http.sendnow import plain_tcp, send_now
 
 __all__ = ["Relay", "abort_downstream", "downstream_backlog"]
 
@@ -121,6 +122,9 @@ class Relay(Protocol):
         # turn each: join the reads of one turn into one write. Over HTTP/1.1 the transport
         # already joins writes into one send per turn, so writing at once costs nothing more.
         self._coalesce = isinstance(request.channel, H2Stream)
+        # A plain HTTP/1.1 client connection: what is relayed is sent at once (send_now).
+        transport = None if self._coalesce else getattr(request.channel, "transport", None)
+        self._socket = plain_tcp(transport)
 
     def start(self) -> None:
         """Ask the response for its body; bytes flow from the next reactor turn on."""
@@ -259,6 +263,7 @@ class Relay(Protocol):
             self._commit()
         self.bytes_relayed += len(data)
         self._request.write(data)
+        send_now(self._socket)
 
     def _complete(self) -> None:
         if not self.committed:
@@ -291,6 +296,7 @@ class Relay(Protocol):
         self._cleanup()
         if error is None and not getattr(self._request, "_disconnected", False):
             self._request.finish()
+            send_now(self._socket)
         if on_end is not None:
             on_end(error)
 
