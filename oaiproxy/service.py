@@ -130,6 +130,7 @@ def build_site(
         max_header_bytes=config.limits.max_header_bytes,
         header_timeout=config.limits.header_timeout,
         max_connections=config.limits.max_connections,
+        send_timeout=config.deadlines.send,
         requestFactory=request_factory(config.limits.max_body_bytes),
     )
 

@@ -164,9 +164,12 @@ class _H2TestCase(SynchronousTestCase):
         settings: dict[int, int] | None = None,
         connection_window: int = 0,
         high_water: int = DEFAULT_STREAM_HIGH_WATER,
+        send_timeout: float | None = None,
     ) -> tuple[ProxyH2Connection, StringTransport, H2Client]:
         """A server connection and a client that has sent its preface and settings."""
-        connection, transport = h2_server(self.clock, self.site, high_water, _TIMEOUT)
+        connection, transport = h2_server(
+            self.clock, self.site, high_water, _TIMEOUT, send_timeout
+        )
         client = H2Client(connection, transport)
         client.connect(settings, connection_window)
         self.settle()
@@ -426,6 +429,76 @@ class IdleTimeoutTests(_H2TestCase):
         self.clock.advance(_TIMEOUT + 1)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.goaway_codes(client), [h2.errors.ErrorCodes.PROTOCOL_ERROR])
+
+
+class FinishedResponseDeadlineTests(_H2TestCase):
+    """
+    A finished response whose bytes the client never takes is reset after the send deadline,
+    even while the client keeps the connection busy (so the idle timeout never fires).
+    """
+
+    def finished_response(
+        self, send_timeout: float | None
+    ) -> tuple[ProxyH2Connection, StringTransport, H2Client, int]:
+        connection, transport, client = self.serve(
+            {_INITIAL_WINDOW_SIZE: 1000}, send_timeout=send_timeout
+        )
+        stream_id = client.request()
+        request = self.app.requests[0]
+        request.write(b"a" * 5000)
+        request.finish()
+        self.settle()
+        client.receive()
+        self.assertEqual(len(client.body[stream_id]), 1000)
+        self.assertEqual(connection.queued_bytes(stream_id), 4000)
+        return connection, transport, client, stream_id
+
+    def ping_for(self, client: H2Client, seconds: int) -> None:
+        """The client sends a PING every 5 s (and reads the answers), for C{seconds}."""
+        for _ in range(seconds // 5):
+            self.clock.advance(5)
+            client.h2.ping(b"12345678")
+            client.send()
+            self.settle()
+            client.receive()
+
+    def test_reset_after_deadline(self) -> None:
+        connection, transport, client, stream_id = self.finished_response(send_timeout=20)
+        self.ping_for(client, 15)
+        self.assertNotIn(stream_id, client.reset)
+        self.ping_for(client, 10)
+        self.assertEqual(client.reset_codes[stream_id], h2.errors.ErrorCodes.INTERNAL_ERROR)
+        self.assertNotIn(stream_id, connection.streams)
+        self.assertEqual(connection.queued_bytes(stream_id), 0)
+        # Only the stream: the connection goes on, and serves new streams.
+        self.assertFalse(transport.disconnecting)
+        self.app.answer_empty = True
+        second = client.request()
+        self.settle()
+        client.receive()
+        self.assertIn(second, client.ended)
+        self.assertEqual(connection._tails, {})
+
+    def test_reading_client_not_reset(self) -> None:
+        """A client that takes some of the bytes within each deadline gets them all."""
+        connection, _, client, stream_id = self.finished_response(send_timeout=20)
+        for _ in range(4):
+            self.ping_for(client, 15)
+            client.open_window(1000, stream_id)
+            client.open_window(1000)
+            self.settle()
+            client.receive()
+        self.assertNotIn(stream_id, client.reset)
+        self.assertEqual(len(client.body[stream_id]), 5000)
+        self.assertIn(stream_id, client.ended)
+        self.assertNotIn(stream_id, connection.streams)
+
+    def test_no_deadline(self) -> None:
+        """Without a send deadline, the stream waits (for the idle timeout, or forever)."""
+        connection, _, client, stream_id = self.finished_response(send_timeout=None)
+        self.ping_for(client, 100)
+        self.assertNotIn(stream_id, client.reset)
+        self.assertIn(stream_id, connection.streams)
 
 
 class ExcessStreamTests(_H2TestCase):

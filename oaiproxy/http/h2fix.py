@@ -26,6 +26,9 @@ What changes compared with Twisted's own classes:
    stream waiting on a slow upstream (a long silent generation) gets its connection cut. Here
    the timeout is re-armed while every open stream is waiting on this server; a connection
    whose client has stopped sending or reading is still timed out.
+ - B{A send deadline for finished responses.} Once a response is complete its relay is gone;
+   bytes of it that the client takes none of for the send deadline get the stream reset
+   (L{_TailWatch}), even while the client keeps the connection busy with other frames.
  - B{Nothing read into a dead connection.} After a GOAWAY, bytes that still arrive are
    dropped instead of being appended to h2's frame buffer (a flood would sit there).
  - B{No empty-frame floods.} More than 100 DATA frames that carry nothing and end nothing
@@ -118,16 +121,25 @@ class ProxyH2Connection(H2Connection):
     factory: http.HTTPFactory | None = None  # type: ignore[assignment]
 
     def __init__(
-        self, reactor: IReactorTime, stream_high_water: int = DEFAULT_STREAM_HIGH_WATER
+        self,
+        reactor: IReactorTime,
+        stream_high_water: int = DEFAULT_STREAM_HIGH_WATER,
+        send_timeout: float | None = None,
     ) -> None:
         """
         @param reactor: schedules the send loop and the idle timeout.
         @param stream_high_water: see L{stream_high_water}; must be positive.
+        @param send_timeout: seconds a finished response may wait on a client that takes
+            none of its queued bytes before its stream is reset (L{_TailWatch}); C{None}: no
+            limit.
         @raise ValueError: if C{stream_high_water} is not positive.
         """
         if stream_high_water <= 0:
             raise ValueError(f"stream_high_water must be positive, not {stream_high_water}")
         self.stream_high_water = stream_high_water
+        self.send_timeout = send_timeout
+        # Finished responses whose bytes still wait on the client, by stream.
+        self._tails: dict[int, _TailWatch] = {}
         # Response bytes queued and not yet sent, per stream.
         self._queued_bytes: dict[int, int] = {}
         # Streams whose producer is paused for crossing the high-water mark.
@@ -248,11 +260,17 @@ class ProxyH2Connection(H2Connection):
 
     @override
     def endRequest(self, streamID: int) -> None:
-        """Queue the end of a stream's response."""
+        """
+        Queue the end of a stream's response. If bytes of it still wait on the client, the
+        send deadline watches them from now on (the relay, which watched them until now, is
+        done).
+        """
         queue = self._outboundStreamQueues.get(streamID)
         if queue is None:
             return
         queue.append(_END_STREAM_SENTINEL)
+        if self.send_timeout is not None and self._queued_bytes.get(streamID, 0) > 0:
+            self._tails[streamID] = _TailWatch(self, streamID, self.send_timeout)
         if self._plan_stream(streamID):
             self._wake_sender()
 
@@ -277,6 +295,9 @@ class ProxyH2Connection(H2Connection):
 
     @override
     def _requestDone(self, streamID: int) -> None:
+        tail = self._tails.pop(streamID, None)
+        if tail is not None:
+            tail.cancel()
         self._queued_bytes.pop(streamID, None)
         self._above_high_water.discard(streamID)
         self._request_complete.discard(streamID)
@@ -441,6 +462,56 @@ class ProxyH2Connection(H2Connection):
             sending.callback(None)
 
 
+class _TailWatch:
+    """
+    The send deadline for a finished response whose bytes still wait on the client.
+
+    While a response is relayed, the relay cuts it when the client takes none of it for the
+    send deadline. Once the upstream is done the relay is gone, and a client that never
+    opened its window (while keeping the connection busy with other frames, so that the idle
+    timeout never fires) would hold up to C{stream_high_water} bytes per stream for as long
+    as it liked. This checks, every quarter deadline, whether the stream's queue went down;
+    after a whole deadline without progress the stream is reset (INTERNAL_ERROR) and its
+    queue freed.
+    """
+
+    def __init__(self, connection: ProxyH2Connection, stream_id: int, timeout: float) -> None:
+        self._connection = connection
+        self._stream_id = stream_id
+        self._timeout = timeout
+        self._seen = connection.queued_bytes(stream_id)
+        self._progress_at = connection._reactor.seconds()
+        self._call: IDelayedCall | None = connection._reactor.callLater(timeout / 4, self._check)
+
+    def cancel(self) -> None:
+        """Stop watching (the stream is done)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _check(self) -> None:
+        self._call = None
+        connection, stream_id = self._connection, self._stream_id
+        if stream_id not in connection.streams:
+            return
+        now = connection._reactor.seconds()
+        queued = connection.queued_bytes(stream_id)
+        if queued < self._seen:
+            self._seen = queued
+            self._progress_at = now
+        remaining = self._progress_at + self._timeout - now
+        if remaining > 0:
+            delay = min(self._timeout / 4, remaining)
+            self._call = connection._reactor.callLater(delay, self._check)
+            return
+        connection._log.info(
+            "client read nothing of HTTP/2 stream {stream} for {timeout:g}s: resetting it",
+            stream=stream_id,
+            timeout=self._timeout,
+        )
+        connection.abortRequest(stream_id)
+
+
 class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
     """
     Twisted's HTTP/1.1-or-HTTP/2 switch, building a L{ProxyH2Connection} on ALPN C{h2}.
@@ -457,15 +528,18 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
         channel: HTTPChannel,
         reactor: IReactorTime,
         stream_high_water: int = DEFAULT_STREAM_HIGH_WATER,
+        send_timeout: float | None = None,
     ) -> None:
         """
         @param channel: the HTTP/1.1 channel to start with, not yet connected.
         @param reactor: passed to the L{ProxyH2Connection}.
         @param stream_high_water: passed to the L{ProxyH2Connection}.
+        @param send_timeout: passed to the L{ProxyH2Connection}.
         """
         super().__init__(channel)
         self._reactor = reactor
         self._stream_high_water = stream_high_water
+        self._send_timeout = send_timeout
         self._refused = False
 
     @override
@@ -512,7 +586,9 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
         channel.setTimeout(None)
 
         transport = channel.transport
-        connection = ProxyH2Connection(self._reactor, self._stream_high_water)
+        connection = ProxyH2Connection(
+            self._reactor, self._stream_high_water, send_timeout=self._send_timeout
+        )
         connection.requestFactory = self._requestFactory
         connection.site = self._site
         connection.factory = self._factory
@@ -545,6 +621,7 @@ class ProxySite(Site):
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
         max_connections: int = 10_000,
+        send_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -558,6 +635,8 @@ class ProxySite(Site):
         @param max_header_bytes: passed to each L{ProxyHTTPChannel}.
         @param header_timeout: passed to each L{ProxyHTTPChannel}.
         @param max_connections: client connections held at once (see L{ConnectionLimit}).
+        @param send_timeout: how long a finished HTTP/2 response may wait on a client that
+            takes none of it (see L{ProxyH2Connection}); C{None}: no limit.
         @param kwargs: passed to L{Site} (e.g. C{requestFactory}).
         @raise ValueError: if C{stream_high_water} or C{idle_timeout} is not positive.
         """
@@ -569,6 +648,7 @@ class ProxySite(Site):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, timeout=idle_timeout, reactor=reactor, **kwargs)
         self.stream_high_water = stream_high_water
+        self.send_timeout = send_timeout
         self.connections = ConnectionLimit(max_connections, reactor)
         self._h1_options: dict[str, Any] = {
             "max_headers": max_headers,
@@ -585,7 +665,9 @@ class ProxySite(Site):
         if not self.connections.admit():
             return Refusal(self.reactor, self.connections.limit)
         channel = ProxyHTTPChannel(self.reactor, **self._h1_options)
-        protocol = ProxyHTTPChannelSwitch(channel, self.reactor, self.stream_high_water)
+        protocol = ProxyHTTPChannelSwitch(
+            channel, self.reactor, self.stream_high_water, self.send_timeout
+        )
         protocol.factory = self
         protocol.callLater = self.reactor.callLater
         protocol.timeOut = self.timeOut

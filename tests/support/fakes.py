@@ -206,6 +206,7 @@ def make_harness(
         max_header_bytes=limits.max_header_bytes,
         header_timeout=limits.header_timeout,
         max_connections=limits.max_connections,
+        send_timeout=(deadlines or Deadlines()).send,
         requestFactory=request_factory(limits.max_body_bytes),
     )
     return ProxyHarness(clock, agents, site)

@@ -107,9 +107,10 @@ def h2_server(
     site: ProxySite,
     high_water: int = DEFAULT_STREAM_HIGH_WATER,
     timeout: int = 60,
+    send_timeout: float | None = None,
 ) -> tuple[ProxyH2Connection, StringTransport]:
     """A connected L{ProxyH2Connection}, set up as the channel switch does."""
-    connection = ProxyH2Connection(clock, stream_high_water=high_water)
+    connection = ProxyH2Connection(clock, stream_high_water=high_water, send_timeout=send_timeout)
     connection.requestFactory = site.requestFactory
     connection.site = site
     connection.factory = site
