@@ -41,6 +41,10 @@ class MalformedChunkedData(ValueError):
     """The chunked framing is invalid: the response cannot be trusted past this point."""
 
 
+def _discard(data: bytes) -> None:
+    """Where a finished decoder's callbacks point."""
+
+
 class ChunkedDecoder:
     """
     Decodes one chunked body.
@@ -84,7 +88,11 @@ class ChunkedDecoder:
                 self.dataCallback(out[0] if len(out) == 1 else b"".join(out))
         if self._state == _DONE:
             extra, self._extra = self._extra, b""
-            self.finishCallback(extra)
+            finish = self.finishCallback
+            # The callbacks are methods of the parser that holds this decoder: let go of them
+            # (as Twisted's decoders do), so that neither waits for a full garbage collection.
+            self.dataCallback = self.finishCallback = _discard
+            finish(extra)
 
     def _decode(self, data: bytes, out: list[bytes]) -> None:
         pos = 0

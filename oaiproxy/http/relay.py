@@ -70,6 +70,10 @@ def downstream_backlog(request: Request) -> int | None:
     return None
 
 
+def _nothing() -> None:
+    """What the relay calls for its first byte once it has ended."""
+
+
 @implementer(IPushProducer)
 class Relay(Protocol):
     """
@@ -301,6 +305,9 @@ class Relay(Protocol):
             on_end(error)
 
     def _cleanup(self) -> None:
+        # The exchange holds this relay and this relay held the exchange's methods: let go of
+        # them so that both are freed when the request is, not by a full garbage collection.
+        self._on_first_byte = _nothing
         self._cancel_idle()
         self._cancel_stall()
         if self._flush_call is not None and self._flush_call.active():
