@@ -175,3 +175,25 @@ class ParseHeadTests(SynchronousTestCase):
                 pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
             taken += self.assert_same(pieces)
         self.assertGreater(taken, 100)
+
+    def test_mutated_requests(self) -> None:
+        """Valid requests with random bytes changed: the same outcome on both paths."""
+        rng = random.Random(7)
+        alphabet = b"\r\n\x00\t :;,-0123456789aAzZ\x7f\x80\xff/?#%"
+        base = [
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY),
+            b"GET /v1/models HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc\r\n\r\n",
+        ]
+        for _ in range(1500):
+            data = bytearray(rng.choice(base))
+            for _ in range(rng.randint(1, 3)):
+                at = rng.randrange(len(data))
+                op = rng.random()
+                if op < 0.4:
+                    data[at] = rng.choice(alphabet)
+                elif op < 0.7:
+                    data.insert(at, rng.choice(alphabet))
+                else:
+                    del data[at]
+            self.assert_same([bytes(data)])
