@@ -1,0 +1,225 @@
+"""
+Compare two versions of oaiproxy's source on this machine, where run-to-run noise (±20%)
+hides changes of a few percent.
+
+    /work/venv/bin/python bench/ab.py latency A_TREE B_TREE [--requests N] [--rounds R]
+    /work/venv/bin/python bench/ab.py instructions TREE [--requests N]
+
+C{latency}: one mock upstream and two proxies, one from each source tree (e.g. a
+C{git worktree} of an older commit, and this checkout). Both proxies are pinned to the same
+core (the mock and the client to the other) and one client alternates its requests between
+direct, A and B, one at a time over one keep-alive connection each: a slow spell of the
+machine hits all three alike. Swapping A and B gives the same numbers within a few
+microseconds (checked with A = B).
+
+C{instructions}: the instructions oaiproxy executes per proxied request, counted by
+valgrind (C{cachegrind}, no cache simulation) over real loopback sockets: deterministic to
+a few instructions per request. It is the difference of a run with C{--requests} requests
+and a run without, after the same warm-up, divided by C{--requests}. Needs C{valgrind}.
+
+Every process started here is stopped by its own PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from bench.procs import REPO, Child, _spawn, free_port, wait_for_port
+
+_BODY = json.dumps(
+    {"model": "mock-gpt", "messages": [{"role": "user", "content": "Say hello."}]}
+).encode()
+_REQUEST = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    b"Authorization: Bearer sk-bench\r\nContent-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+)
+_TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def _env(tree: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tree)
+    env["PYTHONHASHSEED"] = "0"
+    return env
+
+
+def _mock(workdir: Path, port: int, cpu: str) -> Child:
+    argv = ["taskset", "-c", cpu, sys.executable, "-m", "oaiproxy.mock"]
+    argv += ["--listen", f"tcp:{port}:interface=127.0.0.1", "--name", "ab"]
+    child = _spawn("mock", argv, workdir, _env(REPO))
+    wait_for_port(port, proc=child.proc)
+    return child
+
+
+def _proxy_argv(port: int, upstream: int, state: Path) -> list[str]:
+    return [
+        "-n",
+        "--pidfile=",
+        "oaiproxy",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--upstream",
+        f"http://127.0.0.1:{upstream}/v1",
+        "--state-dir",
+        str(state),
+    ]
+
+
+def _proxy(name: str, tree: Path, workdir: Path, *, port: int, upstream: int, cpu: str) -> Child:
+    argv = ["taskset", "-c", cpu, sys.executable, "-c", _TWISTD]
+    argv += _proxy_argv(port, upstream, workdir / f"state-{name}")
+    child = _spawn(name, argv, workdir, _env(tree))
+    wait_for_port(port, proc=child.proc)
+    return child
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def _exchange(s: socket.socket) -> None:
+    """One request and its whole response (by Content-Length) on a kept-alive socket."""
+    s.sendall(_REQUEST)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise RuntimeError("connection closed")
+        data += chunk
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            continue
+        head = data[: end + 2].lower()
+        if not head.startswith(b"http/1.1 200"):
+            raise RuntimeError(f"unexpected response {head[:100]!r}")
+        at = head.index(b"content-length:") + 15
+        length = int(head[at : head.index(b"\r\n", at)])
+        if len(data) >= end + 4 + length:
+            return
+
+
+def _percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+
+def latency(a: Path, b: Path, requests: int, rounds: int) -> int:
+    """Interleaved p50 latency of direct, A and B (see the module docstring)."""
+    if shutil.which("taskset") is None:
+        print("taskset is missing (util-linux)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="oaiproxy-ab-"))
+    mock_port, a_port, b_port = free_port(), free_port(), free_port()
+    children: list[Child] = []
+    try:
+        children.append(_mock(workdir, mock_port, "0"))
+        children.append(_proxy("a", a, workdir, port=a_port, upstream=mock_port, cpu="1"))
+        children.append(_proxy("b", b, workdir, port=b_port, upstream=mock_port, cpu="1"))
+        os.sched_setaffinity(0, {0})
+        targets = {"direct": mock_port, "A": a_port, "B": b_port}
+        sockets = {name: _connect(port) for name, port in targets.items()}
+        for s in sockets.values():
+            for _ in range(200):
+                _exchange(s)
+        print(f"A = {a}\nB = {b}")
+        for r in range(rounds):
+            times: dict[str, list[float]] = {name: [] for name in targets}
+            names = list(targets)
+            for i in range(requests):
+                for name in names if i % 2 == 0 else names[::-1]:
+                    start = time.perf_counter()
+                    _exchange(sockets[name])
+                    times[name].append((time.perf_counter() - start) * 1e6)
+            p50 = {name: statistics.median(t) for name, t in times.items()}
+            print(
+                f"round {r + 1}: p50 direct {p50['direct']:.0f} us, "
+                f"A {p50['A']:.0f} us (+{p50['A'] - p50['direct']:.0f}), "
+                f"B {p50['B']:.0f} us (+{p50['B'] - p50['direct']:.0f}); "
+                f"B - A = {p50['B'] - p50['A']:+.0f} us; p90 A {_percentile(times['A'], 90):.0f}"
+                f" B {_percentile(times['B'], 90):.0f} us"
+            )
+        for s in sockets.values():
+            s.close()
+    finally:
+        for child in reversed(children):
+            child.stop()
+    return 0
+
+
+def _instructions_of_run(tree: Path, workdir: Path, requests: int) -> int:
+    mock_port, port = free_port(), free_port()
+    mock = _mock(workdir, mock_port, "0-1")
+    log = workdir / "valgrind.log"
+    argv = [
+        "valgrind",
+        "--tool=cachegrind",
+        "--cache-sim=no",
+        "--cachegrind-out-file=/dev/null",
+        f"--log-file={log}",
+        sys.executable,
+        "-c",
+        _TWISTD,
+        *_proxy_argv(port, mock_port, workdir / "state"),
+    ]
+    proxy = _spawn("proxy-valgrind", argv, workdir, _env(tree))
+    try:
+        wait_for_port(port, timeout=120, proc=proxy.proc)
+        s = _connect(port)
+        for _ in range(50 + requests):
+            _exchange(s)
+        s.close()
+    finally:
+        proxy.stop(timeout=60)
+        mock.stop()
+    found = re.search(r"I\s+refs:\s+([\d,]+)", log.read_text())
+    if found is None:
+        raise RuntimeError(f"no instruction count in {log}")
+    return int(found.group(1).replace(",", ""))
+
+
+def instructions(tree: Path, requests: int) -> int:
+    """Instructions per request (see the module docstring)."""
+    if shutil.which("valgrind") is None:
+        print("valgrind is missing (apt-get install -y valgrind)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="oaiproxy-ab-"))
+    base = _instructions_of_run(tree, workdir, 0)
+    loaded = _instructions_of_run(tree, workdir, requests)
+    print(f"{tree}: {(loaded - base) // requests} instructions per request")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    lat = sub.add_parser("latency", help="interleaved p50 latency of two source trees")
+    lat.add_argument("a", type=Path)
+    lat.add_argument("b", type=Path)
+    lat.add_argument("--requests", type=int, default=3000, help="per target and round")
+    lat.add_argument("--rounds", type=int, default=3)
+    ins = sub.add_parser("instructions", help="instructions per request (valgrind)")
+    ins.add_argument("tree", type=Path)
+    ins.add_argument("--requests", type=int, default=500)
+    args = parser.parse_args(argv)
+    if args.mode == "latency":
+        return latency(args.a.resolve(), args.b.resolve(), args.requests, args.rounds)
+    return instructions(args.tree.resolve(), args.requests)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
