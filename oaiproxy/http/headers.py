@@ -11,15 +11,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 
 from oaiproxy.errors import InvalidRequest
 
 __all__ = [
     "HOP_BY_HOP",
+    "add_checked",
     "downstream_response_headers",
     "is_valid_name",
     "is_valid_value",
+    "set_checked",
     "upstream_request_headers",
 ]
 
@@ -57,6 +59,24 @@ def is_valid_name(name: bytes) -> bool:
 def is_valid_value(value: bytes) -> bool:
     """Whether C{value} is free of CR, LF and NUL."""
     return _BAD_VALUE.search(value) is None
+
+
+def add_checked(headers: Headers, name: bytes, value: bytes) -> None:
+    """
+    C{headers.addRawHeader(name, value)} for a value already known to be free of CR, LF and
+    NUL: the same result (the name is still checked and canonicalised by Twisted's encoder),
+    without Twisted rescanning the value for line breaks, about 3% of the proxy's
+    instructions per request over the headers it copies.
+
+    Written against Twisted 26.10.0: L{Headers} keeps its values in C{_rawHeaders} (private),
+    under canonical names.
+    """
+    headers._rawHeaders.setdefault(_nameEncoder.encode(name), []).append(value)
+
+
+def set_checked(headers: Headers, name: bytes, value: bytes) -> None:
+    """C{headers.setRawHeaders(name, [value])}, as L{add_checked} is to C{addRawHeader}."""
+    headers._rawHeaders[_nameEncoder.encode(name)] = [value]
 
 
 def _connection_named(headers: Headers) -> frozenset[bytes]:
@@ -114,7 +134,7 @@ def upstream_request_headers(
             continue
         if lower == b"accept-encoding" and stream:
             continue
-        out.addRawHeader(name, value)
+        add_checked(out, name, value)
     out.setRawHeaders(b"host", [host])
     if api_key is not None:
         out.setRawHeaders(b"authorization", [b"Bearer " + api_key])
@@ -122,13 +142,15 @@ def upstream_request_headers(
     for value in forwarded:
         if not is_valid_value(value):
             raise InvalidRequest("invalid value in header 'X-Forwarded-For'")
-    out.setRawHeaders(
-        b"x-forwarded-for", [b", ".join([*forwarded, client_ip.encode("ascii", "replace")])]
+    # The client's address is an IP address; the request id is printable ASCII (the client's
+    # only once checked so, see http/resource.py).
+    set_checked(
+        out, b"x-forwarded-for", b", ".join([*forwarded, client_ip.encode("ascii", "replace")])
     )
-    out.setRawHeaders(b"x-forwarded-proto", [b"https" if secure else b"http"])
-    out.setRawHeaders(b"x-request-id", [request_id])
+    set_checked(out, b"x-forwarded-proto", b"https" if secure else b"http")
+    set_checked(out, b"x-request-id", request_id)
     if stream:
-        out.setRawHeaders(b"accept-encoding", [b"identity"])
+        set_checked(out, b"accept-encoding", b"identity")
     return out
 
 

@@ -28,7 +28,7 @@ from typing_extensions import override
 from zope.interface import implementer
 
 from oaiproxy.errors import ProxyError, UpstreamDisconnected, UpstreamTimeout
-from oaiproxy.http.headers import downstream_response_headers
+from oaiproxy.http.headers import add_checked, downstream_response_headers, set_checked
 from oaiproxy.http.sendnow import plain_tcp, send_now
 
 __all__ = ["Relay", "abort_downstream", "downstream_backlog"]
@@ -239,20 +239,21 @@ class Relay(Protocol):
         request, response = self._request, self._response
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
+        # Names and values checked by downstream_response_headers; the request id is ours.
         for name, value in downstream_response_headers(response.headers):
-            out.addRawHeader(name, value)
+            add_checked(out, name, value)
         if not out.hasHeader(b"x-request-id"):
-            out.setRawHeaders(b"x-request-id", [self._request_id])
+            set_checked(out, b"x-request-id", self._request_id)
         if self.is_sse:
-            out.setRawHeaders(b"x-accel-buffering", [b"no"])
+            set_checked(out, b"x-accel-buffering", b"no")
             if not out.hasHeader(b"cache-control"):
-                out.setRawHeaders(b"cache-control", [b"no-cache"])
+                set_checked(out, b"cache-control", b"no-cache")
         elif (
             response.length is not UNKNOWN_LENGTH
             and request.method != b"HEAD"
             and response.code not in (204, 304)
         ):
-            out.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
+            set_checked(out, b"content-length", b"%d" % (response.length,))
 
     def _flush(self) -> None:
         if self._flush_call is not None:

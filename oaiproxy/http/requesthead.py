@@ -9,7 +9,7 @@ only when it is plainly valid, does in one loop what the line-by-line path would
 
 - the request line parsed by Twisted's own parser;
 - header names canonicalised and checked by Twisted's own name encoder, values stripped as
-  Twisted strips them, stored through C{Headers.addRawHeader};
+  Twisted strips them, stored as C{Headers.addRawHeader} stores them;
 - the body framed by Content-Length through Twisted's identity decoder;
 - the head's end handled by the channel's own C{allHeadersReceived} and
   C{allContentReceived}, which the proxy overrides.
@@ -40,6 +40,8 @@ from twisted.protocols.basic import LineReceiver
 from twisted.web.http import _IdentityTransferDecoder, _parseRequestLine
 from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import INonQueuedRequestFactory
+
+from oaiproxy.http.headers import add_checked
 
 __all__ = ["parse_head"]
 
@@ -132,7 +134,7 @@ def parse_head(channel: Any, data: bytes) -> bool:
     channel._version = version
     headers = request.requestHeaders
     for name, value in fields:
-        headers.addRawHeader(name, value)
+        add_checked(headers, name, value)
     if length is not None:
         channel.length = length
         channel._transferDecoder = _IdentityTransferDecoder(

@@ -11,14 +11,17 @@ ends, obs-fold continuation lines, a head over the parser's line limit) is left 
 path, so what is accepted and what is refused stays Twisted's.
 
 Written against Twisted 26.10.0: it uses the parser's private state (C{state}, C{_buffer},
-C{_busyReceiving}, C{_everReceivedData}).
+C{_busyReceiving}, C{_everReceivedData}), and stores header values as
+C{HTTPParser.headerReceived} does, through L{add_checked}.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.web._newclient import HEADER, STATUS
+from twisted.web._newclient import HEADER, STATUS, HTTPParser
+
+from oaiproxy.http.headers import add_checked
 
 __all__ = ["parse_head"]
 
@@ -43,18 +46,33 @@ def parse_head(parser: Any, data: bytes) -> bool:
         return False
     head = data[:end]
     lines = head.split(b"\r\n")
-    # Every LF must end a CRLF line, and no line may continue the one before (obs-fold).
-    if head.count(b"\n") != len(lines) - 1 or b"\n " in head or b"\n\t" in head:
+    # Every CR and every LF must be part of a CRLF line end, and no line may continue the one
+    # before (obs-fold).
+    breaks = len(lines) - 1
+    if (
+        head.count(b"\n") != breaks
+        or head.count(b"\r") != breaks
+        or b"\n " in head
+        or b"\n\t" in head
+    ):
         return False
     parser._everReceivedData = True
     parser._busyReceiving = True
     try:
         parser.statusReceived(lines[0])
         parser.state = HEADER
-        header_received = parser.headerReceived
-        for line in lines[1:]:
-            name, value = line.split(b":", 1)
-            header_received(name, value.strip())
+        if type(parser).headerReceived is HTTPParser.headerReceived:
+            # Twisted's HTTPParser.headerReceived, for values free of CR and LF.
+            is_control = parser.isConnectionControlHeader
+            headers, control = parser.headers, parser.connHeaders
+            for line in lines[1:]:
+                name, value = line.split(b":", 1)
+                name = name.lower()
+                add_checked(control if is_control(name) else headers, name, value.strip())
+        else:
+            for line in lines[1:]:
+                name, value = line.split(b":", 1)
+                parser.headerReceived(name, value.strip())
         # What follows the head is in the buffer while the head is handled, as on the
         # line-by-line path (a response without a body takes it from there).
         parser._buffer = data[end + 4 :]
