@@ -92,6 +92,28 @@ class ForwardingTests(SynchronousTestCase):
         # The harness clock is at 0: the Date header is the site clock's, once.
         self.assertEqual(headers[b"date"], [b"Thu, 01 Jan 1970 00:00:00 GMT"])
 
+    def test_reason_phrase_relayed_only_if_clean(self) -> None:
+        """
+        An upstream reason phrase goes back as it is; one with a bare CR or another control
+        (which Twisted's client parser keeps) is replaced by the standard phrase, so nothing
+        after it can pass for a header.
+        """
+        for phrase, expected in [
+            (b"All Good", b"HTTP/1.1 200 All Good\r\n"),
+            (b"OK\rSet-Cookie: session=evil", b"HTTP/1.1 200 OK\r\n"),
+            (b"OK\x00x", b"HTTP/1.1 200 OK\r\n"),
+            (b"Caf\xc3\xa9\tok", b"HTTP/1.1 200 Caf\xc3\xa9\tok\r\n"),
+        ]:
+            h = make_harness()
+            _, transport = h.send(post(b"/v1/embeddings", b'{"input": "x"}'))
+            response = FakeResponse(200, {}, length=2)
+            response.phrase = phrase
+            h.sent()[0].deferred.callback(response)
+            response.deliver(b"{}")
+            response.end()
+            self.assertTrue(transport.value().startswith(expected), phrase)
+            self.assertNotIn(b"evil", transport.value())
+
     def test_date_header_follows_the_clock(self) -> None:
         """The Date header is formatted from the site's clock, anew each second."""
         h = make_harness()

@@ -148,6 +148,22 @@ class ParseHeadTests(SynchronousTestCase):
         sent, output, closed, _ = _outcome([huge + get], True)
         self.assertEqual((sent, output.count(b"HTTP/1.1 "), closed), ([], 1, True))
 
+    def test_closing_connection(self) -> None:
+        """
+        A request arriving on a connection the proxy is closing (an idle timeout; over TLS
+        the client's bytes still come until its close_notify) is not forwarded, on either path.
+        """
+        for fast in (True, False):
+            ProxyHTTPChannel.fast_heads = fast
+            try:
+                harness = make_harness()
+                proto, transport = harness.connect()
+                transport.loseConnection()
+                proto.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n")
+                self.assertEqual(harness.sent(), [], fast)
+            finally:
+                ProxyHTTPChannel.fast_heads = True
+
     def test_refusals_left_to_line_path(self) -> None:
         """Each refusal comes from the line-by-line path, with its status."""
         for raw in [

@@ -70,6 +70,15 @@ def downstream_backlog(request: Request) -> int | None:
     return None
 
 
+# What a reason phrase may not hold: controls but HTAB, and DEL.
+_NOT_REASON = bytes([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])
+
+
+def _is_reason(phrase: bytes) -> bool:
+    """Whether C{phrase} may be written as a reason phrase (no CR, LF, NUL or other control)."""
+    return len(phrase.translate(None, _NOT_REASON)) == len(phrase)
+
+
 def _nothing() -> None:
     """What the relay calls for its first byte once it has ended."""
 
@@ -237,7 +246,11 @@ class Relay(Protocol):
         """Write the response head downstream: status, relayed headers, our framing."""
         self.committed = True
         request, response = self._request, self._response
-        request.setResponseCode(response.code, response.phrase)
+        # The upstream's reason phrase goes out as it is only if it is one (RFC 9112: tabs,
+        # spaces, visible and obs-text bytes). Twisted's client keeps a bare CR in it, which
+        # some clients would read as the end of the status line and the start of a header.
+        phrase = response.phrase
+        request.setResponseCode(response.code, phrase if _is_reason(phrase) else None)
         out = request.responseHeaders
         # Names and values checked by downstream_response_headers; the request id is ours.
         for name, value in downstream_response_headers(response.headers):

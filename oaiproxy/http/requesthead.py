@@ -17,7 +17,7 @@ only when it is plainly valid, does in one loop what the line-by-line path would
 Anything unusual is left to the line-by-line path, with nothing changed, so every refusal
 (and its status) stays that path's:
 
-- heads split across reads;
+- heads split across reads, or arriving on a connection being closed;
 - heads over the channel's limits;
 - a bare CR or LF, or a NUL;
 - obs-fold continuation lines;
@@ -54,6 +54,9 @@ def _check(channel: Any, data: bytes) -> tuple[int, int, list[bytes]] | None:
     """Where C{data}'s head ends, its size as counted by Twisted, and its lines; or C{None}."""
     if (
         channel.transport is None
+        # A closing connection (an idle timeout, say; over TLS the client's bytes still come
+        # until its close_notify): the line-by-line path stops after the request line.
+        or channel.transport.disconnecting
         or not channel.line_mode
         or channel._busyReceiving
         or channel._buffer
