@@ -1,23 +1,36 @@
-"""Sending a TCP transport's buffer at once, over real loopback connections."""
+"""Sending a connection's buffer at once, over real loopback connections (plain and TLS)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from oaiproxy.http.sendnow import plain_tcp, send_now
+from oaiproxy.http.sendnow import sender
+from oaiproxy.tls import ensure_self_signed, server_context_factory, upstream_tls_options
 
 reactor: Any = _reactor
 
 
 class _Collect(Protocol):
+    greeting = b""
+
+    def connectionMade(self) -> None:
+        if self.greeting:
+            self.transport.write(self.greeting)  # type: ignore[union-attr]
+
     def __init__(self) -> None:
         self.data = b""
         self.got: Deferred[bytes] | None = None
@@ -33,7 +46,10 @@ class _Collect(Protocol):
     def wait_for(self, size: int) -> Deferred[bytes]:
         self.want = size
         self.got = Deferred()
-        return self.got
+        if len(self.data) >= size:
+            got, self.got = self.got, None
+            got.callback(self.data)
+        return got if self.got is None else self.got
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         self.lost.callback(None)
@@ -41,41 +57,85 @@ class _Collect(Protocol):
 
 class SendNowTests(TestCase):
     @inlineCallbacks
-    def connected(self) -> Any:
-        """A loopback connection: (our side, its transport, the peer's protocol)."""
+    def connected(self, tls: bool = False) -> Any:
+        """
+        A loopback connection: (our side's transport, the peer's protocol). Over TLS, once
+        the handshake is done (the peer's greeting has arrived).
+        """
         peer = _Collect()
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(lambda: peer)
-        )
+        peer.greeting = b"hi" if tls else b""
+        factory = Factory.forProtocol(lambda: peer)
+        if tls:
+            key, cert = ensure_self_signed(self.mktemp())
+            server: Any = SSL4ServerEndpoint(
+                reactor, 0, server_context_factory(key, cert), interface="127.0.0.1"
+            )
+        else:
+            server = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        port = yield server.listen(factory)
         self.addCleanup(port.stopListening)
-        ours = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-            Factory.forProtocol(Protocol)
-        )
+        client: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        if tls:
+            client = wrapClientTLS(upstream_tls_options("localhost", cert), client)
+        ours = yield client.connect(Factory.forProtocol(_Collect))
         self.addCleanup(ours.transport.abortConnection)
-        return ours, ours.transport, peer
+        if tls:
+            yield ours.wait_for(2)
+        return ours.transport, peer
 
     @inlineCallbacks
     def test_sent_before_the_reactor_turns(self) -> Any:
         """What was written leaves the transport's buffer in the call itself, and arrives."""
-        _, transport, peer = yield self.connected()
+        transport, peer = yield self.connected()
         transport.write(b"hello ")
         transport.writeSequence([b"wor", b"ld"])
         self.assertTrue(transport.dataBuffer or transport._tempDataBuffer)
-        send_now(plain_tcp(transport))
+        send = sender(transport)
+        assert send is not None
+        send()
         self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
         data = yield peer.wait_for(11)
         self.assertEqual(data, b"hello world")
-        # The same connection under TLS is left alone (its bytes pass through the TLS layer).
-        self.patch(transport, "TLS", True)
-        self.assertIsNone(plain_tcp(transport))
+
+    @inlineCallbacks
+    def test_tls_sent_before_the_reactor_turns(self) -> Any:
+        """
+        Over Twisted's TLS transport, which holds small writes for the next turn, what was
+        written is encrypted and leaves the TCP buffer in the call itself, and arrives.
+        """
+        tls, peer = yield self.connected(tls=True)
+        tls.write(b"hello over tls")
+        connection = tls.transport
+        self.assertTrue(tls._aggregator._buffer)
+        sent: list[int] = []
+        real_do_write = connection.doWrite
+
+        def recording_do_write() -> Any:
+            sent.append(len(connection.dataBuffer) + connection._tempDataLen)
+            return real_do_write()
+
+        connection.doWrite = recording_do_write
+        send = sender(tls)
+        assert send is not None
+        send()
+        del connection.doWrite
+        # Encrypted and sent: ciphertext (longer than the text) went through doWrite at once.
+        self.assertEqual(tls._aggregator._buffer, [])
+        self.assertEqual(len(sent), 1)
+        self.assertGreater(sent[0], 14)
+        self.assertEqual((connection.dataBuffer, connection._tempDataBuffer), (b"", []))
+        data = yield peer.wait_for(14)
+        self.assertEqual(data, b"hello over tls")
 
     @inlineCallbacks
     def test_closing_connection_left_to_reactor(self) -> Any:
         """A connection being closed keeps its buffer for the reactor, which closes it after."""
-        _, transport, peer = yield self.connected()
+        transport, peer = yield self.connected()
         transport.write(b"last words")
         transport.loseConnection()
-        send_now(plain_tcp(transport))
+        send = sender(transport)
+        assert send is not None
+        send()
         self.assertTrue(transport.dataBuffer or transport._tempDataBuffer)
         yield peer.lost
         self.assertEqual(peer.data, b"last words")
@@ -83,15 +143,59 @@ class SendNowTests(TestCase):
     @inlineCallbacks
     def test_nothing_buffered(self) -> Any:
         """With nothing to send, nothing happens (no write is attempted)."""
-        _, transport, _ = yield self.connected()
+        transport, _ = yield self.connected()
         calls: list[object] = []
         transport.doWrite = lambda: calls.append(None)
-        send_now(plain_tcp(transport))
+        send = sender(transport)
+        assert send is not None
+        send()
         self.assertEqual(calls, [])
         del transport.doWrite
 
-    def test_only_plain_tcp(self) -> None:
-        """Other transports (in-memory, TLS, HTTP/2 streams) are not touched."""
-        self.assertIsNone(plain_tcp(StringTransport()))
-        self.assertIsNone(plain_tcp(None))
-        send_now(None)
+    @inlineCallbacks
+    def test_no_recursion(self) -> Any:
+        """
+        A producer resumed inside the send that writes and sends again does not recurse: the
+        inner send is left to the reactor.
+        """
+        transport, peer = yield self.connected()
+        send = sender(transport)
+        assert send is not None
+        depth: list[int] = []
+        send_again: Callable[[], None] = send
+
+        nesting = [0]
+
+        class Producer:
+            def resumeProducing(self) -> None:
+                nesting[0] += 1
+                depth.append(nesting[0])
+                if len(depth) < 3:
+                    # As if the write filled the buffer again: the transport pauses us.
+                    transport.producerPaused = True
+                    transport.write(b"more")
+                    send_again()
+                nesting[0] -= 1
+
+            def pauseProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                pass
+
+        transport.registerProducer(Producer(), True)
+        transport.producerPaused = True
+        transport.write(b"first")
+        send()
+        # Resumed once inside our send; its own send was not entered again (the reactor
+        # sends "more", and resumes the producer then, not inside the first resume).
+        self.assertEqual(depth[0], 1)
+        self.assertNotIn(2, depth)
+        data = yield peer.wait_for(9)
+        self.assertEqual(data[:9], b"firstmore")
+        transport.unregisterProducer()
+
+    def test_other_transports(self) -> None:
+        """In-memory transports (and HTTP/2 streams) are left alone."""
+        self.assertIsNone(sender(StringTransport()))
+        self.assertIsNone(sender(None))

@@ -6,7 +6,7 @@ failures onto the proxy's error tree.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import error as ierror
@@ -54,7 +54,7 @@ from oaiproxy.http.chunked import ChunkedDecoder
 from oaiproxy.http.headers import upstream_request_headers
 from oaiproxy.http.nodelay import set_no_delay
 from oaiproxy.http.responsehead import parse_head
-from oaiproxy.http.sendnow import plain_tcp, send_now
+from oaiproxy.http.sendnow import sender
 from oaiproxy.tls import upstream_tls_options
 
 __all__ = ["BytesProducer", "DeadlineEndpoint", "Forwarder", "build_agents", "map_failure"]
@@ -160,16 +160,20 @@ class _ProxyClientProtocol(HTTP11ClientProtocol):
         except BaseException:
             self._giveUp(Failure())  # type: ignore[no-untyped-call]
 
+    _send_now: Callable[[], None] | None = None
+
     @override
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
+        self._send_now = sender(self.transport)
         super().connectionMade()
 
     @override
     def request(self, request: Any) -> Deferred[IResponse]:
         d: Deferred[IResponse] = super().request(request)
         # Written whole already (a body in memory): the upstream can start on it now.
-        send_now(plain_tcp(self.transport))
+        if self._send_now is not None:
+            self._send_now()
         parser = getattr(self, "_parser", None)
         if parser is not None:
             # The decoder is looked up on the parser when the response head arrives, which is

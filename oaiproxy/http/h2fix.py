@@ -73,6 +73,7 @@ from oaiproxy.http.h1 import (
     ProxyHTTPChannel,
 )
 from oaiproxy.http.h2streams import RefusingH2Connection
+from oaiproxy.http.sendnow import sender
 
 __all__ = [
     "DEFAULT_STREAM_HIGH_WATER",
@@ -147,6 +148,7 @@ class ProxyH2Connection(H2Connection):
         # Streams whose request (headers and body) has been received in full.
         self._request_complete: set[int] = set()
         self._empty_data_frames = 0
+        self._send_now: Callable[[], None] | None = None
         super().__init__(reactor)
         # Twisted's own state machine, but refusing streams over the limit one by one
         # (REFUSED_STREAM) instead of failing the whole connection: see h2streams.
@@ -304,15 +306,30 @@ class ProxyH2Connection(H2Connection):
         super()._requestDone(streamID)
 
     @override
+    def connectionMade(self) -> None:
+        # The connection's transport is TLS (or, in tests, in memory): see sendnow.
+        self._send_now = sender(self.transport)
+        super().connectionMade()
+
+    @override
     def _sendPrioritisedData(self, *args: object) -> None:
         """
         Send up to C{frames_per_turn} frames, each from the highest-priority stream that can
         send, then go round again on the next reactor turn.
 
         Twisted's loop, except that a stream whose window is closed is blocked instead of
-        being picked again and again, a stream's producer is resumed as its queue drains, and
-        several frames go per turn (Twisted sends one frame per C{callLater(0)}).
+        being picked again and again, a stream's producer is resumed as its queue drains,
+        several frames go per turn (Twisted sends one frame per C{callLater(0)}), and the
+        frames of a pass are sent at once (the TLS transport would hold them one turn more).
         """
+        try:
+            self._send_frames()
+        finally:
+            if self._send_now is not None:
+                self._send_now()
+
+    def _send_frames(self) -> None:
+        """One pass of L{_sendPrioritisedData}."""
         reset = False
         for _ in range(self.frames_per_turn):
             if not self._stillProducing:

@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from oaiproxy.errors import ProxyError, UpstreamDisconnected, UpstreamTimeout
 from oaiproxy.http.headers import add_checked, downstream_response_headers, set_checked
-from oaiproxy.http.sendnow import plain_tcp, send_now
+from oaiproxy.http.sendnow import sender
 
 __all__ = ["Relay", "abort_downstream", "downstream_backlog"]
 
@@ -135,9 +135,9 @@ class Relay(Protocol):
         # turn each: join the reads of one turn into one write. Over HTTP/1.1 the transport
         # already joins writes into one send per turn, so writing at once costs nothing more.
         self._coalesce = isinstance(request.channel, H2Stream)
-        # A plain HTTP/1.1 client connection: what is relayed is sent at once (send_now).
+        # An HTTP/1.1 client connection (plain or TLS): what is relayed is sent at once.
         transport = None if self._coalesce else getattr(request.channel, "transport", None)
-        self._socket = plain_tcp(transport)
+        self._send_now = sender(transport)
 
     def start(self) -> None:
         """Ask the response for its body; bytes flow from the next reactor turn on."""
@@ -281,7 +281,8 @@ class Relay(Protocol):
             self._commit()
         self.bytes_relayed += len(data)
         self._request.write(data)
-        send_now(self._socket)
+        if self._send_now is not None:
+            self._send_now()
 
     def _complete(self) -> None:
         if not self.committed:
@@ -314,7 +315,8 @@ class Relay(Protocol):
         self._cleanup()
         if error is None and not getattr(self._request, "_disconnected", False):
             self._request.finish()
-            send_now(self._socket)
+            if self._send_now is not None:
+                self._send_now()
         if on_end is not None:
             on_end(error)
 

@@ -1,48 +1,83 @@
 """
-Sending what a TCP transport has buffered at once, instead of on the reactor's next turn.
+Sending what a connection has buffered at once, instead of on the reactor's next turn.
 
 Twisted's TCP transports only buffer in C{write}: the bytes go out when the reactor next
-finds the socket writable, after everything else the current turn does. When the proxy has
-just written a whole upstream request, or a client's whole response (or a streamed event),
-the rest of the turn is bookkeeping: timers, the response parser's teardown, the connection's
-return to the pool, the request's cleanup. Sending first takes that bookkeeping off the path
-the peer waits on, and the upstream starts working while the proxy finishes it.
+finds the socket writable, after everything else the current turn does. Its TLS transport
+(C{BufferingTLSTransport}) holds small writes one turn more, to encrypt them together. When
+the proxy has just written a whole upstream request, a relayed chunk, the end of a response,
+or a pass of HTTP/2 frames, the rest of the turn is bookkeeping: timers, the response
+parser's teardown, the connection's return to the pool, the request's cleanup. Sending first
+takes that bookkeeping off the path the peer waits on, and the upstream starts working while
+the proxy finishes it.
 
 Written against Twisted 26.10.0: it reads C{FileDescriptor}'s private buffers
-(C{dataBuffer}, C{_tempDataBuffer}) and calls the public C{doWrite} (L{IWriteDescriptor}).
+(C{dataBuffer}, C{_tempDataBuffer}) and calls the public C{doWrite} (L{IWriteDescriptor}); for
+TLS it flushes C{BufferingTLSTransport}'s private C{_aggregator}, as Twisted's own
+C{loseConnection} does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.protocols.tls import BufferingTLSTransport
 
-__all__ = ["plain_tcp", "send_now"]
+__all__ = ["sender"]
 
 
-def plain_tcp(transport: Any) -> tcp.Connection | None:
-    """C{transport} if it is a plain (not TLS) Twisted TCP connection, else C{None}."""
-    if isinstance(transport, tcp.Connection) and not transport.TLS:
-        return transport
+def sender(transport: Any) -> Callable[[], None] | None:
+    """
+    A function that sends at once what C{transport} has buffered, as much as the socket
+    takes (the rest stays buffered for the reactor as usual): for a plain TCP connection, or
+    Twisted's buffering TLS transport over one. C{None} for any other transport (in-memory
+    ones, HTTP/2 streams), which are left as they are.
+    """
+    if isinstance(transport, tcp.Connection):
+        # TLS started on the connection itself (startTLS) is not handled.
+        return None if transport.TLS else partial(_send, transport)
+    if isinstance(transport, BufferingTLSTransport):
+        below = transport.transport
+        if isinstance(below, tcp.Connection) and not below.TLS:
+            return partial(_send_tls, transport, below)
     return None
 
 
-def send_now(transport: tcp.Connection | None) -> None:
+# The connections being sent on now: a producer resumed inside doWrite may write and send
+# again (an HTTP/2 connection's send loop does), which then waits for the reactor instead of
+# recursing.
+_sending: set[int] = set()
+
+
+def _send(connection: tcp.Connection) -> None:
     """
-    Send what C{transport} (from L{plain_tcp}) has buffered, as much as the socket takes;
-    the rest stays buffered for the reactor as usual.
+    Send what C{connection} has buffered.
 
     A connection being closed is left to the reactor: its C{doWrite} would close it once the
     buffer is empty, and only the reactor can act on that. An error from the socket is left
-    for the reactor to find again (the transport still waits for writability).
+    for the reactor to find again (the connection still waits for writability).
     """
+    key = id(connection)
     if (
-        transport is None
-        or not transport.connected
-        or transport.disconnecting
-        or transport._writeDisconnecting
-        or not (transport.dataBuffer or transport._tempDataBuffer)
+        key in _sending
+        or not connection.connected
+        or connection.disconnecting
+        or connection._writeDisconnecting
+        or not (connection.dataBuffer or connection._tempDataBuffer)
     ):
         return
-    transport.doWrite()
+    _sending.add(key)
+    try:
+        connection.doWrite()
+    finally:
+        _sending.discard(key)
+
+
+def _send_tls(tls: BufferingTLSTransport, connection: tcp.Connection) -> None:
+    """Encrypt what the TLS transport holds for the next turn now, then send it."""
+    # What its callLater(0) would do next turn (and loseConnection does at once); after the
+    # connection is lost the aggregator is a no-op one.
+    tls._aggregator.flush()
+    _send(connection)
