@@ -199,3 +199,30 @@ class SendNowTests(TestCase):
         """In-memory transports (and HTTP/2 streams) are left alone."""
         self.assertIsNone(sender(StringTransport()))
         self.assertIsNone(sender(None))
+
+    @inlineCallbacks
+    def test_producer_error_contained(self) -> Any:
+        """
+        An exception from a producer resumed inside the send is logged and the connection
+        aborted, as the reactor does, instead of reaching the code that wrote.
+        """
+        transport, peer = yield self.connected()
+        send = sender(transport)
+        assert send is not None
+
+        class Broken:
+            def resumeProducing(self) -> None:
+                raise RuntimeError("broken producer")
+
+            def pauseProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                pass
+
+        transport.registerProducer(Broken(), True)
+        transport.producerPaused = True
+        transport.write(b"data")
+        send()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        yield peer.lost

@@ -131,9 +131,9 @@ class Relay(Protocol):
         self._registered = False
         self._seen_first_byte = False
         self._last_activity = 0.0
-        # Over HTTP/2 each write becomes a frame queued for Twisted's send loop, one reactor
-        # turn each: join the reads of one turn into one write. Over HTTP/1.1 the transport
-        # already joins writes into one send per turn, so writing at once costs nothing more.
+        # Over HTTP/2 each write becomes a frame queued for the connection's send loop: join
+        # the reads of one turn into one write. Over HTTP/1.1 each upstream read (one per turn,
+        # its chunks joined by the decoder) is written and sent at once.
         self._coalesce = isinstance(request.channel, H2Stream)
         # An HTTP/1.1 client connection (plain or TLS): what is relayed is sent at once.
         transport = None if self._coalesce else getattr(request.channel, "transport", None)

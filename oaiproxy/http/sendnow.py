@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport
 
 __all__ = ["sender"]
@@ -45,9 +46,12 @@ def sender(transport: Any) -> Callable[[], None] | None:
     return None
 
 
-# The connections being sent on now: a producer resumed inside doWrite may write and send
-# again (an HTTP/2 connection's send loop does), which then waits for the reactor instead of
-# recursing.
+log = Logger()
+
+# The connections being sent on now: a producer resumed inside a send started here may write
+# and send again (an HTTP/2 connection's send loop does); that send is left to the reactor.
+# (Inside a send the reactor started, one such send still runs, one level deep: doWrite
+# resumes its producer as its very last step.)
 _sending: set[int] = set()
 
 
@@ -57,7 +61,9 @@ def _send(connection: tcp.Connection) -> None:
 
     A connection being closed is left to the reactor: its C{doWrite} would close it once the
     buffer is empty, and only the reactor can act on that. An error from the socket is left
-    for the reactor to find again (the connection still waits for writability).
+    for the reactor to find again (the connection still waits for writability). An exception
+    from a producer resumed inside the send is logged and the connection aborted, as the
+    reactor does, instead of reaching the caller.
     """
     key = id(connection)
     if (
@@ -71,6 +77,9 @@ def _send(connection: tcp.Connection) -> None:
     _sending.add(key)
     try:
         connection.doWrite()
+    except Exception:
+        log.failure("sending at once failed; aborting the connection")
+        connection.abortConnection()
     finally:
         _sending.discard(key)
 
