@@ -3,6 +3,7 @@ Compare two versions of oaiproxy's source on this machine, where run-to-run nois
 hides changes of a few percent.
 
     /work/venv/bin/python bench/ab.py latency A_TREE B_TREE [--requests N] [--rounds R]
+        [--protocol http1|http1-tls|h2]
     /work/venv/bin/python bench/ab.py instructions TREE [--requests N]
 
 C{latency}: one mock upstream and two proxies, one from each source tree (e.g. a
@@ -10,7 +11,9 @@ C{git worktree} of an older commit, and this checkout). Both proxies are pinned 
 core (the mock and the client to the other) and one client alternates its requests between
 direct, A and B, one at a time over one keep-alive connection each: a slow spell of the
 machine hits all three alike. Swapping A and B gives the same numbers within a few
-microseconds (checked with A = B).
+microseconds (checked with A = B). C{--protocol} picks how the client talks to the proxies:
+plain HTTP/1.1 (the default), HTTP/1.1 over TLS, or HTTP/2 over TLS (one stream at a time);
+"direct" is always plain HTTP/1.1 to the mock.
 
 C{instructions}: the instructions oaiproxy executes per proxied request, counted by
 valgrind (C{cachegrind}, no cache simulation) over real loopback sockets: deterministic to
@@ -28,11 +31,16 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -64,13 +72,14 @@ def _mock(workdir: Path, port: int, cpu: str) -> Child:
     return child
 
 
-def _proxy_argv(port: int, upstream: int, state: Path) -> list[str]:
+def _proxy_argv(port: int, upstream: int, state: Path, tls: bool = False) -> list[str]:
+    listen = f"ssl:{port}:selfsigned" if tls else f"tcp:{port}"
     return [
         "-n",
         "--pidfile=",
         "oaiproxy",
         "--listen",
-        f"tcp:{port}:interface=127.0.0.1",
+        f"{listen}:interface=127.0.0.1",
         "--upstream",
         f"http://127.0.0.1:{upstream}/v1",
         "--state-dir",
@@ -78,9 +87,11 @@ def _proxy_argv(port: int, upstream: int, state: Path) -> list[str]:
     ]
 
 
-def _proxy(name: str, tree: Path, workdir: Path, *, port: int, upstream: int, cpu: str) -> Child:
+def _proxy(
+    name: str, tree: Path, workdir: Path, *, port: int, upstream: int, cpu: str, tls: bool
+) -> Child:
     argv = ["taskset", "-c", cpu, sys.executable, "-c", _TWISTD]
-    argv += _proxy_argv(port, upstream, workdir / f"state-{name}")
+    argv += _proxy_argv(port, upstream, workdir / f"state-{name}", tls)
     child = _spawn(name, argv, workdir, _env(tree))
     wait_for_port(port, proc=child.proc)
     return child
@@ -113,12 +124,84 @@ def _exchange(s: socket.socket) -> None:
             return
 
 
+def _tls(sock: socket.socket, alpn: str) -> ssl.SSLSocket:
+    """C{sock} under TLS with C{alpn}, trusting any certificate (the proxies' self-signed)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols([alpn])
+    return context.wrap_socket(sock, server_hostname="localhost")
+
+
+class _Http1:
+    """Requests one at a time over one kept-alive HTTP/1.1 connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def exchange(self) -> None:
+        _exchange(self.sock)
+
+
+class _H2:
+    """Requests one at a time, each on a new stream of one HTTP/2 connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(2**30)
+        self.sock.sendall(self.conn.data_to_send())
+
+    def exchange(self) -> None:
+        conn = self.conn
+        stream_id = conn.get_next_available_stream_id()
+        head = [
+            (b":method", b"POST"),
+            (b":path", b"/v1/chat/completions"),
+            (b":scheme", b"https"),
+            (b":authority", b"bench"),
+            (b"content-type", b"application/json"),
+        ]
+        conn.send_headers(stream_id, head)
+        conn.send_data(stream_id, _BODY, end_stream=True)
+        self.sock.sendall(conn.data_to_send())
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise RuntimeError("connection closed")
+            ended = False
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers).get(b":status")
+                    if status != b"200":
+                        raise RuntimeError(f"unexpected status {status!r}")
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
+                    ended = True
+            out = conn.data_to_send()
+            if out:
+                self.sock.sendall(out)
+            if ended:
+                return
+
+
+def _client(port: int, protocol: str) -> _Http1 | _H2:
+    if protocol == "http1":
+        return _Http1(_connect(port))
+    if protocol == "http1-tls":
+        return _Http1(_tls(_connect(port), "http/1.1"))
+    return _H2(_tls(_connect(port), "h2"))
+
+
 def _percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
 
 
-def latency(a: Path, b: Path, requests: int, rounds: int) -> int:
+def latency(a: Path, b: Path, requests: int, rounds: int, protocol: str = "http1") -> int:
     """Interleaved p50 latency of direct, A and B (see the module docstring)."""
     if shutil.which("taskset") is None:
         print("taskset is missing (util-linux)", file=sys.stderr)
@@ -128,22 +211,28 @@ def latency(a: Path, b: Path, requests: int, rounds: int) -> int:
     children: list[Child] = []
     try:
         children.append(_mock(workdir, mock_port, "0"))
-        children.append(_proxy("a", a, workdir, port=a_port, upstream=mock_port, cpu="1"))
-        children.append(_proxy("b", b, workdir, port=b_port, upstream=mock_port, cpu="1"))
+        tls = protocol != "http1"
+        for name, tree, port in (("a", a, a_port), ("b", b, b_port)):
+            children.append(
+                _proxy(name, tree, workdir, port=port, upstream=mock_port, cpu="1", tls=tls)
+            )
         os.sched_setaffinity(0, {0})
-        targets = {"direct": mock_port, "A": a_port, "B": b_port}
-        sockets = {name: _connect(port) for name, port in targets.items()}
-        for s in sockets.values():
+        clients = {
+            "direct": _client(mock_port, "http1"),
+            "A": _client(a_port, protocol),
+            "B": _client(b_port, protocol),
+        }
+        for client in clients.values():
             for _ in range(200):
-                _exchange(s)
-        print(f"A = {a}\nB = {b}")
+                client.exchange()
+        print(f"A = {a}\nB = {b}\nprotocol: {protocol} (direct: http1)")
         for r in range(rounds):
-            times: dict[str, list[float]] = {name: [] for name in targets}
-            names = list(targets)
+            times: dict[str, list[float]] = {name: [] for name in clients}
+            names = list(clients)
             for i in range(requests):
                 for name in names if i % 2 == 0 else names[::-1]:
                     start = time.perf_counter()
-                    _exchange(sockets[name])
+                    clients[name].exchange()
                     times[name].append((time.perf_counter() - start) * 1e6)
             p50 = {name: statistics.median(t) for name, t in times.items()}
             print(
@@ -153,8 +242,8 @@ def latency(a: Path, b: Path, requests: int, rounds: int) -> int:
                 f"B - A = {p50['B'] - p50['A']:+.0f} us; p90 A {_percentile(times['A'], 90):.0f}"
                 f" B {_percentile(times['B'], 90):.0f} us"
             )
-        for s in sockets.values():
-            s.close()
+        for client in clients.values():
+            client.sock.close()
     finally:
         for child in reversed(children):
             child.stop()
@@ -212,12 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("b", type=Path)
     lat.add_argument("--requests", type=int, default=3000, help="per target and round")
     lat.add_argument("--rounds", type=int, default=3)
+    lat.add_argument(
+        "--protocol", choices=("http1", "http1-tls", "h2"), default="http1", help="to A and B"
+    )
     ins = sub.add_parser("instructions", help="instructions per request (valgrind)")
     ins.add_argument("tree", type=Path)
     ins.add_argument("--requests", type=int, default=500)
     args = parser.parse_args(argv)
     if args.mode == "latency":
-        return latency(args.a.resolve(), args.b.resolve(), args.requests, args.rounds)
+        return latency(
+            args.a.resolve(), args.b.resolve(), args.requests, args.rounds, args.protocol
+        )
     return instructions(args.tree.resolve(), args.requests)
 
 

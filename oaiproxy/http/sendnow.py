@@ -4,8 +4,8 @@ Sending what a connection has buffered at once, instead of on the reactor's next
 Twisted's TCP transports only buffer in C{write}: the bytes go out when the reactor next
 finds the socket writable, after everything else the current turn does. Its TLS transport
 (C{BufferingTLSTransport}) holds small writes one turn more, to encrypt them together. When
-the proxy has just written a whole upstream request, a relayed chunk, the end of a response,
-or a pass of HTTP/2 frames, the rest of the turn is bookkeeping: timers, the response
+the proxy has just written a whole upstream request, a relayed chunk or the end of a
+response, the rest of the turn is bookkeeping: timers, the response
 parser's teardown, the connection's return to the pool, the request's cleanup. Sending first
 takes that bookkeeping off the path the peer waits on, and the upstream starts working while
 the proxy finishes it.
@@ -49,7 +49,7 @@ def sender(transport: Any) -> Callable[[], None] | None:
 log = Logger()
 
 # The connections being sent on now: a producer resumed inside a send started here may write
-# and send again (an HTTP/2 connection's send loop does); that send is left to the reactor.
+# and send again; that send is left to the reactor.
 # (Inside a send the reactor started, one such send still runs, one level deep: doWrite
 # resumes its producer as its very last step.)
 _sending: set[int] = set()
