@@ -55,6 +55,19 @@ class _Collect(Protocol):
         self.lost.callback(None)
 
 
+class _Producer:
+    """A push producer for the transport; tests say what resuming does."""
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class SendNowTests(TestCase):
     @inlineCallbacks
     def connected(self, tls: bool = False) -> Any:
@@ -166,7 +179,7 @@ class SendNowTests(TestCase):
 
         nesting = [0]
 
-        class Producer:
+        class Producer(_Producer):
             def resumeProducing(self) -> None:
                 nesting[0] += 1
                 depth.append(nesting[0])
@@ -176,12 +189,6 @@ class SendNowTests(TestCase):
                     transport.write(b"more")
                     send_again()
                 nesting[0] -= 1
-
-            def pauseProducing(self) -> None:
-                pass
-
-            def stopProducing(self) -> None:
-                pass
 
         transport.registerProducer(Producer(), True)
         transport.producerPaused = True
@@ -210,15 +217,9 @@ class SendNowTests(TestCase):
         send = sender(transport)
         assert send is not None
 
-        class Broken:
+        class Broken(_Producer):
             def resumeProducing(self) -> None:
                 raise RuntimeError("broken producer")
-
-            def pauseProducing(self) -> None:
-                pass
-
-            def stopProducing(self) -> None:
-                pass
 
         transport.registerProducer(Broken(), True)
         transport.producerPaused = True

@@ -181,8 +181,8 @@ class Exchange:
     def _finish(self) -> None:
         """
         Mark the exchange done: cancel its timers and drop the request body, which no
-        attempt will need again (the exchange may sit in a reference cycle, Deferreds and the
-        relay, until a full garbage collection, and a body can be max_body_bytes).
+        attempt will need again (the exchange lives as long as its request, and a body can be
+        max_body_bytes).
         """
         self.done = True
         self._cancel_timers()

@@ -28,7 +28,7 @@ What changes compared with Twisted's own classes:
    whose client has stopped sending or reading is still timed out.
  - B{A send deadline for finished responses.} Once a response is complete its relay is gone;
    bytes of it that the client takes none of for the send deadline get the stream reset
-   (L{_TailWatch}), even while the client keeps the connection busy with other frames.
+   (L{_tail_stalled}), even while the client keeps the connection busy with other frames.
  - B{Nothing read into a dead connection.} After a GOAWAY, bytes that still arrive are
    dropped instead of being appended to h2's frame buffer (a flood would sit there).
  - B{No empty-frame floods.} More than 100 DATA frames that carry nothing and end nothing
@@ -73,6 +73,7 @@ from oaiproxy.http.h1 import (
     ProxyHTTPChannel,
 )
 from oaiproxy.http.h2streams import RefusingH2Connection
+from oaiproxy.http.stall import StallWatch
 
 __all__ = [
     "DEFAULT_STREAM_HIGH_WATER",
@@ -130,8 +131,8 @@ class ProxyH2Connection(H2Connection):
         @param reactor: schedules the send loop and the idle timeout.
         @param stream_high_water: see L{stream_high_water}; must be positive.
         @param send_timeout: seconds a finished response may wait on a client that takes
-            none of its queued bytes before its stream is reset (L{_TailWatch}); C{None}: no
-            limit.
+            none of its queued bytes before its stream is reset (L{_tail_stalled}); C{None}:
+            no limit.
         @raise ValueError: if C{stream_high_water} is not positive.
         """
         if stream_high_water <= 0:
@@ -139,7 +140,7 @@ class ProxyH2Connection(H2Connection):
         self.stream_high_water = stream_high_water
         self.send_timeout = send_timeout
         # Finished responses whose bytes still wait on the client, by stream.
-        self._tails: dict[int, _TailWatch] = {}
+        self._tails: dict[int, StallWatch] = {}
         # Response bytes queued and not yet sent, per stream.
         self._queued_bytes: dict[int, int] = {}
         # Streams whose producer is paused for crossing the high-water mark.
@@ -270,9 +271,35 @@ class ProxyH2Connection(H2Connection):
             return
         queue.append(_END_STREAM_SENTINEL)
         if self.send_timeout is not None and self._queued_bytes.get(streamID, 0) > 0:
-            self._tails[streamID] = _TailWatch(self, streamID, self.send_timeout)
+            self._tails[streamID] = StallWatch(
+                self._reactor,
+                self.send_timeout,
+                lambda: self.queued_bytes(streamID),
+                lambda: self._tail_stalled(streamID),
+            )
         if self._plan_stream(streamID):
             self._wake_sender()
+
+    def _tail_stalled(self, stream_id: int) -> None:
+        """
+        The send deadline for a finished response whose bytes still wait on the client.
+
+        While a response is relayed, the relay cuts it when the client takes none of it for
+        the send deadline. Once the upstream is done the relay is gone, and a client that
+        never opened its window (while keeping the connection busy with other frames, so that
+        the idle timeout never fires) would hold up to C{stream_high_water} bytes per stream
+        for as long as it liked. After a whole deadline without the stream's queue going
+        down, the stream is reset (INTERNAL_ERROR) and its queue freed.
+        """
+        self._tails.pop(stream_id, None)
+        if stream_id not in self.streams:
+            return
+        self._log.info(
+            "client read nothing of HTTP/2 stream {stream} for {timeout:g}s: resetting it",
+            stream=stream_id,
+            timeout=self.send_timeout,
+        )
+        self.abortRequest(stream_id)
 
     @override
     def remainingOutboundWindow(self, streamID: int) -> int:
@@ -464,56 +491,6 @@ class ProxyH2Connection(H2Connection):
         if self._sendingDeferred is not None:
             sending, self._sendingDeferred = self._sendingDeferred, None
             sending.callback(None)
-
-
-class _TailWatch:
-    """
-    The send deadline for a finished response whose bytes still wait on the client.
-
-    While a response is relayed, the relay cuts it when the client takes none of it for the
-    send deadline. Once the upstream is done the relay is gone, and a client that never
-    opened its window (while keeping the connection busy with other frames, so that the idle
-    timeout never fires) would hold up to C{stream_high_water} bytes per stream for as long
-    as it liked. This checks, every quarter deadline, whether the stream's queue went down;
-    after a whole deadline without progress the stream is reset (INTERNAL_ERROR) and its
-    queue freed.
-    """
-
-    def __init__(self, connection: ProxyH2Connection, stream_id: int, timeout: float) -> None:
-        self._connection = connection
-        self._stream_id = stream_id
-        self._timeout = timeout
-        self._seen = connection.queued_bytes(stream_id)
-        self._progress_at = connection._reactor.seconds()
-        self._call: IDelayedCall | None = connection._reactor.callLater(timeout / 4, self._check)
-
-    def cancel(self) -> None:
-        """Stop watching (the stream is done)."""
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def _check(self) -> None:
-        self._call = None
-        connection, stream_id = self._connection, self._stream_id
-        if stream_id not in connection.streams:
-            return
-        now = connection._reactor.seconds()
-        queued = connection.queued_bytes(stream_id)
-        if queued < self._seen:
-            self._seen = queued
-            self._progress_at = now
-        remaining = self._progress_at + self._timeout - now
-        if remaining > 0:
-            delay = min(self._timeout / 4, remaining)
-            self._call = connection._reactor.callLater(delay, self._check)
-            return
-        connection._log.info(
-            "client read nothing of HTTP/2 stream {stream} for {timeout:g}s: resetting it",
-            stream=stream_id,
-            timeout=self._timeout,
-        )
-        connection.abortRequest(stream_id)
 
 
 class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):

@@ -20,6 +20,7 @@ __all__ = [
     "add_checked",
     "downstream_response_headers",
     "is_valid_name",
+    "is_valid_reason",
     "is_valid_value",
     "set_checked",
     "upstream_request_headers",
@@ -59,6 +60,16 @@ def is_valid_name(name: bytes) -> bool:
 def is_valid_value(value: bytes) -> bool:
     """Whether C{value} is free of CR, LF and NUL."""
     return _BAD_VALUE.search(value) is None
+
+
+# What a reason phrase may not hold: controls but HTAB, and DEL (RFC 9112: HTAB, SP, VCHAR,
+# obs-text).
+_NOT_REASON = bytes([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])
+
+
+def is_valid_reason(phrase: bytes) -> bool:
+    """Whether C{phrase} may be written as a reason phrase (no CR, LF, NUL or other control)."""
+    return len(phrase.translate(None, _NOT_REASON)) == len(phrase)
 
 
 def add_checked(headers: Headers, name: bytes, value: bytes) -> None:

@@ -28,8 +28,14 @@ from typing_extensions import override
 from zope.interface import implementer
 
 from oaiproxy.errors import ProxyError, UpstreamDisconnected, UpstreamTimeout
-from oaiproxy.http.headers import add_checked, downstream_response_headers, set_checked
+from oaiproxy.http.headers import (
+    add_checked,
+    downstream_response_headers,
+    is_valid_reason,
+    set_checked,
+)
 from oaiproxy.http.sendnow import sender
+from oaiproxy.http.stall import StallWatch
 
 __all__ = ["Relay", "abort_downstream", "downstream_backlog"]
 
@@ -70,15 +76,6 @@ def downstream_backlog(request: Request) -> int | None:
     return None
 
 
-# What a reason phrase may not hold: controls but HTAB, and DEL.
-_NOT_REASON = bytes([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])
-
-
-def _is_reason(phrase: bytes) -> bool:
-    """Whether C{phrase} may be written as a reason phrase (no CR, LF, NUL or other control)."""
-    return len(phrase.translate(None, _NOT_REASON)) == len(phrase)
-
-
 def _nothing() -> None:
     """What the relay calls for its first byte once it has ended."""
 
@@ -115,9 +112,7 @@ class Relay(Protocol):
         self._request_id = request_id
         self._idle_timeout = idle_timeout
         self._send_timeout = send_timeout
-        self._stall_call: IDelayedCall | None = None
-        self._backlog_seen: int | None = None
-        self._progress_at = 0.0
+        self._stall: StallWatch | None = None
         self._on_first_byte = on_first_byte
         self._on_end: Callable[[ProxyError | None], None] | None = on_end
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
@@ -193,14 +188,17 @@ class Relay(Protocol):
     def pauseProducing(self) -> None:
         """
         The client is not keeping up: stop reading from the upstream. If it does not catch
-        up within the send deadline, the response is cut (see L{_stall_check}).
+        up within the send deadline, the response is cut (see L{_stalled}).
         """
         self._paused = True
         self._cancel_idle()
-        if self._send_timeout is not None and self._stall_call is None and self._on_end:
-            self._backlog_seen = downstream_backlog(self._request)
-            self._progress_at = self._clock.seconds()
-            self._stall_call = self._clock.callLater(self._send_timeout / 4, self._stall_check)
+        if self._send_timeout is not None and self._stall is None and self._on_end:
+            self._stall = StallWatch(
+                self._clock,
+                self._send_timeout,
+                lambda: downstream_backlog(self._request),
+                self._stalled,
+            )
         if self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
@@ -250,7 +248,7 @@ class Relay(Protocol):
         # spaces, visible and obs-text bytes). Twisted's client keeps a bare CR in it, which
         # some clients would read as the end of the status line and the start of a header.
         phrase = response.phrase
-        request.setResponseCode(response.code, phrase if _is_reason(phrase) else None)
+        request.setResponseCode(response.code, phrase if is_valid_reason(phrase) else None)
         out = request.responseHeaders
         # Names and values checked by downstream_response_headers; the request id is ours.
         for name, value in downstream_response_headers(response.headers):
@@ -352,29 +350,19 @@ class Relay(Protocol):
         self._idle_call = None
 
     def _cancel_stall(self) -> None:
-        if self._stall_call is not None and self._stall_call.active():
-            self._stall_call.cancel()
-        self._stall_call = None
+        if self._stall is not None:
+            self._stall.cancel()
+        self._stall = None
 
-    def _stall_check(self) -> None:
+    def _stalled(self) -> None:
         """
-        While the relay is paused, a check every quarter of the send deadline: the client
-        is reading (slowly) while the bytes waiting for it go down. When none went for the
-        whole deadline, its response is cut (an SSE error event would only queue behind what
-        it does not read) and the upstream request cancelled.
+        While the relay was paused, none of the bytes waiting for the client went for the
+        whole send deadline (a slow client that reads some is not cut): its response is cut
+        (an SSE error event would only queue behind what it does not read) and the upstream
+        request cancelled.
         """
-        self._stall_call = None
-        if self._on_end is None or self._send_timeout is None:
-            return
-        now = self._clock.seconds()
-        backlog = downstream_backlog(self._request)
-        if backlog is not None and backlog != self._backlog_seen:
-            self._backlog_seen = backlog
-            self._progress_at = now
-        remaining = self._progress_at + self._send_timeout - now
-        if remaining > 0:
-            delay = min(self._send_timeout / 4, remaining)
-            self._stall_call = self._clock.callLater(delay, self._stall_check)
+        self._stall = None
+        if self._on_end is None:
             return
         log.info(
             "client read nothing for {timeout:g}s, cutting {request_id}",
