@@ -513,7 +513,9 @@ class _MockResource(Resource):
         except _BadRequestError as error:
             body = _error_body(error.message, "invalid_request_error", error.param, None)
             return _json_response(request, 400, body)
-        message = f"Unknown request URL: {method.decode('ascii', 'replace')} {path!r}"
+        # OpenAI's own wording; the path as text, not as a Python bytes literal.
+        target = f"{method.decode('ascii', 'replace')} {path.decode('ascii', 'replace')[:200]}"
+        message = f"Invalid URL ({target})"
         return _json_response(
             request, 404, _error_body(message, "invalid_request_error", None, "unknown_url")
         )

@@ -15,8 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import Deadlines, Limits
 from oaiproxy.http.h2fix import ProxyH2Connection
-from tests.support.fakes import FakeResponse, ProxyHarness, make_harness
-from tests.support.h2client import H2Client, h2_server
+from tests.support.fakes import FakeResponse, ProxyHarness, forbid_temporary_files, make_harness
+from tests.support.h2client import REQUEST_HEADERS, H2Client, h2_server
 
 CHAT = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
 SSE = {b"content-type": [b"text/event-stream"]}
@@ -94,6 +94,22 @@ class H2ForwardingTests(H2ProxyTestCase):
         ]
         transport.clear()
         self.assertEqual(frames, [(stream, b"".join(b"data: %d\n\n" % i for i in range(5)))])
+
+    def test_body_without_length_in_memory(self) -> None:
+        """
+        A request body sent without content-length (usual over HTTP/2) is held in memory:
+        Twisted's request would put it in a temporary file.
+        """
+        forbid_temporary_files(self)
+        _, _, client = self.connect()
+        stream_id = client.h2.get_next_available_stream_id()
+        head = [(b":method", b"POST"), (b":path", b"/v1/chat/completions")]
+        client.h2.send_headers(stream_id, head + REQUEST_HEADERS[2:] + JSON_HEADERS)
+        client.h2.send_data(stream_id, CHAT[:10])
+        client.h2.send_data(stream_id, CHAT[10:], end_stream=True)
+        client.send()
+        self.turn()
+        self.assertEqual([sent.body for sent in self.h.sent()], [CHAT])
 
     def test_body_over_cap_413(self) -> None:
         """An h2 request body over the cap is answered 413 and not forwarded."""

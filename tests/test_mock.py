@@ -608,7 +608,10 @@ class ErrorTests(SynchronousTestCase):
             response = exchange.response()
             self.assertEqual(response.status, 404)
             self.assertEqual(response.header(b"x-mock-upstream"), b"up-a")
-            self.assertEqual(set(response.json()["error"]), {"message", "type", "param", "code"})
+            error = response.json()["error"]
+            self.assertEqual(set(error), {"message", "type", "param", "code"})
+            target = f"{method.decode()} {path.decode()}"
+            self.assertEqual(error["message"], f"Invalid URL ({target})")
 
 
 class OtherEndpointTests(SynchronousTestCase):

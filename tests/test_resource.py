@@ -7,7 +7,8 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import Limits
-from tests.support.fakes import make_harness, parse_response, post
+from oaiproxy.http.resource import _Body
+from tests.support.fakes import forbid_temporary_files, make_harness, parse_response, post
 
 
 def error_of(raw: bytes) -> tuple[int, dict[str, object], dict[bytes, list[bytes]]]:
@@ -148,6 +149,24 @@ class BodyTests(SynchronousTestCase):
         h.send(post(b"/v1/embeddings", body))
         self.assertEqual(h.sent()[0].body, body)
 
+    def test_bodies_never_on_disk(self) -> None:
+        """
+        Bodies are held in memory whatever their framing and size: Twisted's request would put
+        one of unknown length (chunked), or of 100,000 bytes or more, in a temporary file.
+        """
+        forbid_temporary_files(self)
+        large = json.dumps({"input": "x" * 150_000}).encode()
+        h = make_harness()
+        h.send(post(b"/v1/embeddings", large))
+        chunked = (
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\n\r\n"
+            b'5\r\n{"a":\r\n'
+            b"3\r\n 1}\r\n0\r\n\r\n"
+        )
+        h.send(chunked)
+        self.assertEqual([sent.body for sent in h.sent()], [large, b'{"a": 1}'])
+
     def test_bad_request_id_replaced(self) -> None:
         """A client request id with spaces or too long is replaced by a generated one."""
         for given in [b"a" * 300, b"a b", b"caf\xc3\xa9", b"a\x7f"]:
@@ -171,3 +190,23 @@ class BodyTests(SynchronousTestCase):
             self.assertEqual(status, 400, target)
             self.assertEqual(json.loads(body)["error"]["code"], "invalid_request")
             self.assertEqual(h.sent(), [])
+
+
+class BodyBufferTests(SynchronousTestCase):
+    """The in-memory body behaves as the file Twisted's request expects."""
+
+    def test_file_semantics(self) -> None:
+        """Written pieces read back whole; tell, seek and sized reads as for a file."""
+        body = _Body()
+        for piece in (b"abc", b"", b"defg"):
+            body.write(piece)
+        self.assertEqual(body.tell(), 7)
+        self.assertEqual(body.seek(0, 0), 0)
+        self.assertEqual(body.read(), b"abcdefg")
+        self.assertEqual(body.read(), b"")
+        body.seek(2)
+        self.assertEqual((body.read(3), body.tell()), (b"cde", 5))
+        self.assertEqual(body.seek(-1, 2), 6)
+        self.assertEqual(body.read(10), b"g")
+        body.close()
+        self.assertEqual((body.tell(), body.read()), (0, b""))

@@ -48,6 +48,51 @@ def _printable(value: bytes) -> bool:
     return not value.translate(None, _TARGET_OK)
 
 
+class _Body:
+    """
+    A request body held in memory, as a file-like object for Twisted's request.
+
+    Twisted's request puts a body of unknown length (HTTP/2 without C{content-length}, a
+    chunked upload) or of 100,000 bytes or more in a temporary file on disk. The proxy reads
+    every body whole before forwarding it, so the file bought nothing: it cost an open, an
+    unlink and a close per request, needed a writable temporary directory, and put clients'
+    prompts on disk. The cap on body size bounds what is held here. The pieces are joined
+    once, when the body is first read.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+        self._size = 0
+        self._position = 0
+
+    def write(self, data: bytes) -> None:
+        """Add C{data} at the end (Twisted only appends)."""
+        self._pieces.append(data)
+        self._size += len(data)
+        self._position = self._size
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._position, self._size)[whence]
+        self._position = min(max(base + offset, 0), self._size)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        if len(self._pieces) > 1:
+            self._pieces = [b"".join(self._pieces)]
+        whole = self._pieces[0] if self._pieces else b""
+        start = self._position
+        end = self._size if size < 0 else min(start + size, self._size)
+        self._position = end
+        return whole if (start, end) == (0, self._size) else whole[start:end]
+
+    def close(self) -> None:
+        self._pieces = []
+        self._size = self._position = 0
+
+
 class _Sink:
     """A content file that forgets what it is given (bodies over the cap)."""
 
@@ -114,7 +159,7 @@ class ProxyRequest(server.Request):
         if length is not None and length > self.max_body_bytes:
             self._too_large()
             return
-        super().gotLength(length)  # type: ignore[no-untyped-call]
+        self.content = _Body()
 
     @override
     def handleContentChunk(self, data: bytes) -> None:

@@ -5,14 +5,16 @@ and a proxy site served in memory over a StringTransport.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocol, IPushProducer, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import TransportProxyProducer
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
@@ -240,3 +242,12 @@ def parse_response(raw: bytes) -> tuple[int, dict[bytes, list[bytes]], bytes]:
             rest = rest[size + 2 :]
         return status, headers, body
     return status, headers, rest
+
+
+def forbid_temporary_files(case: SynchronousTestCase) -> None:
+    """Make C{tempfile.TemporaryFile} fail for the rest of C{case}'s test."""
+
+    def refuse(*args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError("a temporary file was opened")
+
+    case.patch(tempfile, "TemporaryFile", refuse)
