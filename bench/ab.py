@@ -5,6 +5,7 @@ hides changes of a few percent.
     /work/venv/bin/python bench/ab.py latency A_TREE B_TREE [--requests N] [--rounds R]
         [--protocol http1|http1-tls|h2]
     /work/venv/bin/python bench/ab.py instructions TREE [--requests N]
+        [--protocol http1|http1-tls|h2]
 
 C{latency}: one mock upstream and two proxies, one from each source tree (e.g. a
 C{git worktree} of an older commit, and this checkout). Both proxies are pinned to the same
@@ -17,8 +18,9 @@ plain HTTP/1.1 (the default), HTTP/1.1 over TLS, or HTTP/2 over TLS (one stream 
 
 C{instructions}: the instructions oaiproxy executes per proxied request, counted by
 valgrind (C{cachegrind}, no cache simulation) over real loopback sockets: deterministic to
-a few instructions per request. It is the difference of a run with C{--requests} requests
-and a run without, after the same warm-up, divided by C{--requests}. Needs C{valgrind}.
+a few instructions per request (a few hundred over TLS). It is the difference of a run with
+C{--requests} requests and a run without, after the same warm-up, divided by C{--requests}.
+C{--protocol} as for C{latency}. Needs C{valgrind}.
 
 Every process started here is stopped by its own PID.
 """
@@ -250,7 +252,7 @@ def latency(a: Path, b: Path, requests: int, rounds: int, protocol: str = "http1
     return 0
 
 
-def _instructions_of_run(tree: Path, workdir: Path, requests: int) -> int:
+def _instructions_of_run(tree: Path, workdir: Path, requests: int, protocol: str) -> int:
     mock_port, port = free_port(), free_port()
     mock = _mock(workdir, mock_port, "0-1")
     log = workdir / "valgrind.log"
@@ -263,15 +265,15 @@ def _instructions_of_run(tree: Path, workdir: Path, requests: int) -> int:
         sys.executable,
         "-c",
         _TWISTD,
-        *_proxy_argv(port, mock_port, workdir / "state"),
+        *_proxy_argv(port, mock_port, workdir / "state", tls=protocol != "http1"),
     ]
     proxy = _spawn("proxy-valgrind", argv, workdir, _env(tree))
     try:
         wait_for_port(port, timeout=120, proc=proxy.proc)
-        s = _connect(port)
+        client = _client(port, protocol)
         for _ in range(50 + requests):
-            _exchange(s)
-        s.close()
+            client.exchange()
+        client.sock.close()
     finally:
         proxy.stop(timeout=60)
         mock.stop()
@@ -281,15 +283,15 @@ def _instructions_of_run(tree: Path, workdir: Path, requests: int) -> int:
     return int(found.group(1).replace(",", ""))
 
 
-def instructions(tree: Path, requests: int) -> int:
+def instructions(tree: Path, requests: int, protocol: str = "http1") -> int:
     """Instructions per request (see the module docstring)."""
     if shutil.which("valgrind") is None:
         print("valgrind is missing (apt-get install -y valgrind)", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="oaiproxy-ab-"))
-    base = _instructions_of_run(tree, workdir, 0)
-    loaded = _instructions_of_run(tree, workdir, requests)
-    print(f"{tree}: {(loaded - base) // requests} instructions per request")
+    base = _instructions_of_run(tree, workdir, 0, protocol)
+    loaded = _instructions_of_run(tree, workdir, requests, protocol)
+    print(f"{tree}: {(loaded - base) // requests} instructions per request ({protocol})")
     return 0
 
 
@@ -307,12 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     ins = sub.add_parser("instructions", help="instructions per request (valgrind)")
     ins.add_argument("tree", type=Path)
     ins.add_argument("--requests", type=int, default=500)
+    ins.add_argument("--protocol", choices=("http1", "http1-tls", "h2"), default="http1")
     args = parser.parse_args(argv)
     if args.mode == "latency":
         return latency(
             args.a.resolve(), args.b.resolve(), args.requests, args.rounds, args.protocol
         )
-    return instructions(args.tree.resolve(), args.requests)
+    return instructions(args.tree.resolve(), args.requests, args.protocol)
 
 
 if __name__ == "__main__":
