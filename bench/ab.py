@@ -6,6 +6,7 @@ hides changes of a few percent.
         [--protocol http1|http1-tls|h2]
     /work/venv/bin/python bench/ab.py instructions TREE [--requests N]
         [--protocol http1|http1-tls|h2]
+    /work/venv/bin/python bench/ab.py chunk-instructions TREE
 
 C{latency}: one mock upstream and two proxies, one from each source tree (e.g. a
 C{git worktree} of an older commit, and this checkout). Both proxies are pinned to the same
@@ -21,6 +22,11 @@ valgrind (C{cachegrind}, no cache simulation) over real loopback sockets: determ
 a few instructions per request (a few hundred over TLS). It is the difference of a run with
 C{--requests} requests and a run without, after the same warm-up, divided by C{--requests}.
 C{--protocol} as for C{latency}. Needs C{valgrind}.
+
+C{chunk-instructions}: the instructions oaiproxy executes per relayed streamed event, each
+arriving in a read of its own (the mock sends one every 20 ms, over plain HTTP/1.1): the
+difference between runs of streams of 60 and of 10 events, divided by the 50 extra events of
+each stream. The per-stream cost cancels out.
 
 Every process started here is stopped by its own PID.
 """
@@ -124,6 +130,35 @@ def _exchange(s: socket.socket) -> None:
         length = int(head[at : head.index(b"\r\n", at)])
         if len(data) >= end + 4 + length:
             return
+
+
+def _stream_request(chunks: int) -> bytes:
+    body = _BODY[:-1] + b', "stream": true}'
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"x-mock-chunks: %d\r\nx-mock-delay-ms: 20\r\nContent-Length: %d\r\n\r\n%s"
+        % (chunks, len(body), body)
+    )
+
+
+class _Stream:
+    """Streamed completions one at a time over one kept-alive HTTP/1.1 connection."""
+
+    def __init__(self, sock: socket.socket, chunks: int) -> None:
+        self.sock = sock
+        self.request = _stream_request(chunks)
+
+    def exchange(self) -> None:
+        """One streamed request, read to the end of its chunked body."""
+        self.sock.sendall(self.request)
+        data = b""
+        while not data.endswith(b"\r\n0\r\n\r\n"):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("connection closed")
+            data += chunk
+        if not data.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"unexpected response {data[:100]!r}")
 
 
 def _tls(sock: socket.socket, alpn: str) -> ssl.SSLSocket:
@@ -252,7 +287,9 @@ def latency(a: Path, b: Path, requests: int, rounds: int, protocol: str = "http1
     return 0
 
 
-def _instructions_of_run(tree: Path, workdir: Path, requests: int, protocol: str) -> int:
+def _instructions_of_run(
+    tree: Path, workdir: Path, requests: int, protocol: str, stream_chunks: int = 0
+) -> int:
     mock_port, port = free_port(), free_port()
     mock = _mock(workdir, mock_port, "0-1")
     log = workdir / "valgrind.log"
@@ -270,7 +307,9 @@ def _instructions_of_run(tree: Path, workdir: Path, requests: int, protocol: str
     proxy = _spawn("proxy-valgrind", argv, workdir, _env(tree))
     try:
         wait_for_port(port, timeout=120, proc=proxy.proc)
-        client = _client(port, protocol)
+        client = (
+            _Stream(_connect(port), stream_chunks) if stream_chunks else _client(port, protocol)
+        )
         for _ in range(50 + requests):
             client.exchange()
         client.sock.close()
@@ -295,6 +334,20 @@ def instructions(tree: Path, requests: int, protocol: str = "http1") -> int:
     return 0
 
 
+def chunk_instructions(tree: Path) -> int:
+    """Instructions per relayed streamed event (see the module docstring)."""
+    if shutil.which("valgrind") is None:
+        print("valgrind is missing (apt-get install -y valgrind)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="oaiproxy-ab-"))
+    requests, few, many = 10, 10, 60
+    short = _instructions_of_run(tree, workdir, requests, "http1", stream_chunks=few)
+    long = _instructions_of_run(tree, workdir, requests, "http1", stream_chunks=many)
+    per_event = (long - short) // (requests * (many - few))
+    print(f"{tree}: {per_event} instructions per relayed event")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -310,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("tree", type=Path)
     ins.add_argument("--requests", type=int, default=500)
     ins.add_argument("--protocol", choices=("http1", "http1-tls", "h2"), default="http1")
+    chunks = sub.add_parser("chunk-instructions", help="instructions per streamed event")
+    chunks.add_argument("tree", type=Path)
     args = parser.parse_args(argv)
+    if args.mode == "chunk-instructions":
+        return chunk_instructions(args.tree.resolve())
     if args.mode == "latency":
         return latency(
             args.a.resolve(), args.b.resolve(), args.requests, args.rounds, args.protocol
