@@ -25,8 +25,8 @@ C{--protocol} as for C{latency}. Needs C{valgrind}.
 
 C{chunk-instructions}: the instructions oaiproxy executes per relayed streamed event, each
 arriving in a read of its own (the mock sends one every 20 ms, over plain HTTP/1.1): the
-difference between runs of streams of 60 and of 10 events, divided by the 50 extra events of
-each stream. The per-stream cost cancels out.
+difference between runs of 60 streams of 60 events and 60 streams of 10 events, divided by
+the 3,000 extra events. The per-stream cost cancels out.
 
 Every process started here is stopped by its own PID.
 """
@@ -287,6 +287,9 @@ def latency(a: Path, b: Path, requests: int, rounds: int, protocol: str = "http1
     return 0
 
 
+_WARM_UP = 50
+
+
 def _instructions_of_run(
     tree: Path, workdir: Path, requests: int, protocol: str, stream_chunks: int = 0
 ) -> int:
@@ -310,7 +313,7 @@ def _instructions_of_run(
         client = (
             _Stream(_connect(port), stream_chunks) if stream_chunks else _client(port, protocol)
         )
-        for _ in range(50 + requests):
+        for _ in range(_WARM_UP + requests):
             client.exchange()
         client.sock.close()
     finally:
@@ -340,10 +343,11 @@ def chunk_instructions(tree: Path) -> int:
         print("valgrind is missing (apt-get install -y valgrind)", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="oaiproxy-ab-"))
+    # Both runs make _WARM_UP + requests streams, all of their length.
     requests, few, many = 10, 10, 60
     short = _instructions_of_run(tree, workdir, requests, "http1", stream_chunks=few)
     long = _instructions_of_run(tree, workdir, requests, "http1", stream_chunks=many)
-    per_event = (long - short) // (requests * (many - few))
+    per_event = (long - short) // ((_WARM_UP + requests) * (many - few))
     print(f"{tree}: {per_event} instructions per relayed event")
     return 0
 
