@@ -38,8 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar, Literal, Protocol, cast
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
@@ -63,6 +62,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from typing_extensions import override
 from zope.interface import implementer
+
+from oaiproxy.listening import Endpoint, Listeners
 
 __all__ = ["MockConfig", "MockOptions", "build_mock_site", "main", "make_mock_service"]
 
@@ -764,12 +765,21 @@ def make_mock_service(options: MockOptions, reactor: IReactorTime) -> IService:
 
     @param reactor: paces the mock and, being a real reactor, is where endpoints listen.
     """
-    site = build_mock_site(options.config(), reactor)
-    service = MultiService()
-    for description in options["listen"]:
-        endpoint = serverFromString(reactor, description)
-        StreamServerEndpointService(endpoint, site).setServiceParent(service)
-    return service
+    config = options.config()
+    site = build_mock_site(config, reactor)
+    return Listeners("oaiproxy-mock", site, _endpoints(reactor, options["listen"], config))
+
+
+def _endpoints(reactor: Any, descriptions: Sequence[str], config: MockConfig) -> list[Endpoint]:
+    """The server endpoints of C{--listen} values; L{SystemExit} naming a bad one."""
+    endpoints = []
+    for description in descriptions:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as error:
+            raise SystemExit(f"oaiproxy-mock: bad --listen {description!r}: {error}") from None
+        endpoints.append(Endpoint(endpoint, description, f"mock upstream {config.name!r}"))
+    return endpoints
 
 
 def _parse_args(argv: Sequence[str]) -> tuple[MockConfig, list[str]]:
@@ -812,21 +822,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     globalLogBeginner.beginLoggingTo([observer])
     site = build_mock_site(config, cast(IReactorTime, reactor))
-
-    def failed(reason: Failure, description: str) -> None:
-        _log.failure("mock cannot listen on {endpoint}", reason, endpoint=description)
-        reactor.stop()
-
-    for description in listens:
-        listening = serverFromString(reactor, description).listen(site)
-        listening.addCallback(
-            lambda port, d=description: _log.info(
-                "mock upstream {upstream} listening on {endpoint}",
-                upstream=config.name,
-                endpoint=d,
-            )
-        )
-        listening.addErrback(failed, description)
+    # Raises SystemExit, naming the address, when one cannot listen.
+    Listeners("oaiproxy-mock", site, _endpoints(reactor, listens, config)).startService()
     reactor.run()
 
 

@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -22,6 +21,7 @@ from oaiproxy.config import ConfigError, PoolConfig, ProxyConfig, UpstreamConfig
 from oaiproxy.http.forwarder import Forwarder, build_agents
 from oaiproxy.http.h2fix import ProxySite, require_h2
 from oaiproxy.http.resource import ProxyResource, request_factory
+from oaiproxy.listening import Endpoint, Listeners
 from oaiproxy.tls import listener_endpoint
 
 __all__ = ["build_service", "build_site"]
@@ -180,12 +180,15 @@ def build_service(
         banner.extend(DEMO_BANNER.format(mocks=mocks).strip("\n").splitlines())
     site = build_site(config, reactor, config.pools[0], environ)
     _CloseOnStop(site.resource).setServiceParent(top)  # type: ignore[no-untyped-call]
+    endpoints = []
     for listener in config.listeners:
         endpoint, cert_path = listener_endpoint(reactor, listener, config.state_dir)
-        StreamServerEndpointService(endpoint, site).setServiceParent(top)
-        scheme = "https (h2, http/1.1)" if listener.kind == "tls" else "http (http/1.1)"
-        where = f"{listener.interface or '0.0.0.0'}:{listener.port}"
-        banner.append(f"oaiproxy listening on {where}: {scheme}")
+        what = "https (h2, http/1.1)" if listener.kind == "tls" else "http (http/1.1)"
+        interface = listener.interface or "0.0.0.0"
+        if ":" in interface:
+            interface = f"[{interface}]"
+        where = f"{interface}:{listener.port}"
+        endpoints.append(Endpoint(endpoint, where, what))
         if cert_path is not None:
             banner.append(
                 f"self-signed certificate for localhost: {cert_path} "
@@ -194,4 +197,5 @@ def build_service(
     for upstream in config.pools[0].upstreams:
         banner.append(f"upstream {upstream.name}: {upstream.url} weight={upstream.weight}")
     _BannerService(banner).setServiceParent(top)  # type: ignore[no-untyped-call]
+    Listeners("oaiproxy", site, endpoints).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

@@ -142,8 +142,9 @@ class ProxyTacTests(SynchronousTestCase):
         import os
         from pathlib import Path
 
-        from twisted.application.internet import StreamServerEndpointService
         from twisted.application.service import IServiceCollection, loadApplication
+
+        from oaiproxy.listening import Listeners
 
         tac = Path(__file__).resolve().parent.parent / "proxy.tac"
         workdir = Path(self.mktemp())
@@ -157,6 +158,8 @@ class ProxyTacTests(SynchronousTestCase):
         services = list(IServiceCollection(application))
         self.assertEqual(len(services), 1)
         top = list(IServiceCollection(services[0]))
-        endpoints = [s for s in top if isinstance(s, StreamServerEndpointService)]
-        self.assertEqual(len(endpoints), 2)
+        (listeners,) = [s for s in top if isinstance(s, Listeners)]
+        self.assertEqual(
+            [e.where for e in listeners.endpoints], ["127.0.0.1:8080", "127.0.0.1:8443"]
+        )
         self.assertTrue((workdir / ".oaiproxy" / "selfsigned-cert.pem").exists())

@@ -1,0 +1,113 @@
+"""
+Listening on the configured endpoints, as a service that refuses to start when it cannot.
+
+Twisted's C{StreamServerEndpointService} logs a failed listen (a port already taken, an
+address the machine does not have) and carries on: the process would run listening nowhere,
+and a supervisor would take it for up. Here a listener that cannot listen stops the start
+with a one-line message naming the address and the reason (twistd prints it and exits with
+status 1), the listeners already open are closed, and once all listen each one's real
+address is logged (the port the system chose for port 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from typing_extensions import override
+
+__all__ = ["Endpoint", "Listeners"]
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """
+    One place to listen.
+
+    @ivar endpoint: where to listen.
+    @ivar where: the configured address, for messages (e.g. C{127.0.0.1:8080}).
+    @ivar what: what is served there, for the log (e.g. C{http (http/1.1)}).
+    """
+
+    endpoint: IStreamServerEndpoint
+    where: str
+    what: str
+
+
+def _address(port: IListeningPort) -> str:
+    host: Any = port.getHost()
+    address = str(getattr(host, "host", host))
+    if ":" in address:
+        address = f"[{address}]"
+    number = getattr(host, "port", None)
+    return address if number is None else f"{address}:{number}"
+
+
+class Listeners(Service):
+    """
+    Listens with one factory on every endpoint when started; stops listening when stopped.
+
+    Starting raises L{SystemExit} with a message naming the address when an endpoint cannot
+    listen, or does not say at once whether it can (Twisted's TCP, TLS and UNIX endpoints
+    always say at once).
+    """
+
+    def __init__(
+        self, name: str, factory: IProtocolFactory, endpoints: Sequence[Endpoint]
+    ) -> None:
+        """
+        @param name: the program, in messages (e.g. C{oaiproxy}).
+        """
+        self._name = name
+        self._factory = factory
+        self.endpoints = tuple(endpoints)
+        self.ports: list[IListeningPort] | None = None
+
+    @override
+    def privilegedStartService(self) -> None:
+        # Before twistd drops privileges: ports under 1024 need them.
+        super().privilegedStartService()  # type: ignore[no-untyped-call]  # Twisted is unannotated
+        self._listen()
+
+    @override
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if self.ports is None:
+            self._listen()
+        assert self.ports is not None
+        for port, endpoint in zip(self.ports, self.endpoints, strict=True):
+            log.warn(
+                "{name} listening on {address}: {what}",
+                name=self._name,
+                address=_address(port),
+                what=endpoint.what,
+            )
+
+    @override
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        ports, self.ports = self.ports or [], None
+        return gatherResults([maybeDeferred(port.stopListening) for port in ports])
+
+    def _listen(self) -> None:
+        ports: list[IListeningPort] = []
+        for endpoint in self.endpoints:
+            outcome: list[IListeningPort | Failure] = []
+            endpoint.endpoint.listen(self._factory).addBoth(outcome.append)
+            result = outcome[0] if outcome else None
+            if result is not None and not isinstance(result, Failure):
+                ports.append(result)
+                continue
+            for port in ports:
+                port.stopListening()
+            reason = "no answer from the endpoint" if result is None else result.getErrorMessage()
+            raise SystemExit(f"{self._name}: cannot listen on {endpoint.where}: {reason}")
+        self.ports = ports
