@@ -37,6 +37,7 @@ class UpstreamRequestHeadersTests(SynchronousTestCase):
                 b"x-secret-hop": [b"1"],
                 b"keep-alive": [b"timeout=5"],
                 b"proxy-authorization": [b"Basic x"],
+                b"proxy-foo": [b"any Proxy-* header"],
                 b"te": [b"trailers"],
                 b"trailer": [b"x"],
                 b"transfer-encoding": [b"chunked"],

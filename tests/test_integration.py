@@ -36,6 +36,7 @@ from tests.support.servers import (
     sse_events,
     start_mock,
     start_proxy,
+    start_raw_upstream,
     wait_for,
     within,
 )
@@ -372,6 +373,32 @@ class HeaderTests(TestCase):
         self.assertEqual(response.status_code, 502)
         self.assertNotIn(_SECRET.encode(), response.content)
         self.assertNotIn(_SECRET, str(response.headers))
+
+    async def test_upstream_hop_by_hop_headers_dropped(self) -> None:
+        """
+        Headers the upstream's Connection names, and Proxy-* headers, do not reach the client
+        (Twisted's client keeps Connection apart, so the names it lists were relayed).
+        """
+        raw = start_raw_upstream(
+            self,
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n"
+            b"Proxy-Status: up; error=x\r\nX-Kept: yes\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 2\r\n\r\n{}",
+        )
+        proxy = start_proxy(self, [raw])
+        response = await _post(f"{proxy.http_url}/v1/embeddings", b"{}")
+        self.assertEqual((response.status_code, response.content), (200, b"{}"))
+        self.assertEqual(response.headers.get("x-kept"), "yes")
+        self.assertNotIn("x-hop", response.headers)
+        self.assertNotIn("proxy-status", response.headers)
+
+    async def test_invalid_upstream_status_502(self) -> None:
+        """A status code that is not three digits is not HTTP: 502, never relayed."""
+        raw = start_raw_upstream(self, b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\n{}")
+        proxy = start_proxy(self, [raw])
+        response = await _post(f"{proxy.http_url}/v1/embeddings", b"{}")
+        self.assertEqual(response.status_code, 502)
+        self.assertEqual(set(response.json()["error"]), _ERROR_KEYS)
 
     async def test_client_key_passes_without_key_env(self) -> None:
         """Without key_env the client's Authorization reaches the upstream unchanged."""

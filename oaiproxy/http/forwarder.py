@@ -27,6 +27,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
     HTTP11ClientProtocol,
+    HTTPClientParser,
     ParseError,
     RequestTransmissionFailed,
     ResponseFailed,
@@ -51,7 +52,7 @@ from oaiproxy.errors import (
     UpstreamProtocolError,
 )
 from oaiproxy.http.chunked import ChunkedDecoder
-from oaiproxy.http.headers import upstream_request_headers
+from oaiproxy.http.headers import connection_named, upstream_request_headers
 from oaiproxy.http.nodelay import set_no_delay
 from oaiproxy.http.responsehead import parse_head
 from oaiproxy.http.sendnow import sender
@@ -175,10 +176,11 @@ class _ProxyClientProtocol(HTTP11ClientProtocol):
         if self._send_now is not None:
             self._send_now()
         parser = getattr(self, "_parser", None)
-        if parser is not None:
-            # The decoder is looked up on the parser when the response head arrives, which is
-            # always after this call returns.
-            parser._transferDecoders = _TRANSFER_DECODERS
+        if type(parser) is HTTPClientParser:
+            # Twisted builds its parser inside request(); it has read nothing yet (the
+            # response can only arrive after this call returns), and the subclass adds no
+            # state, so it can take over from here.
+            parser.__class__ = _ProxyClientParser
         return d
 
 
@@ -202,8 +204,31 @@ class _UpstreamRequest(ClientRequest):
         return succeed(None)
 
 
-# Written against Twisted 26.10.0: HTTPClientParser._transferDecoders is private.
-_TRANSFER_DECODERS = {b"chunked": ChunkedDecoder}
+class _ProxyClientParser(HTTPClientParser):
+    """
+    Twisted's response parser, stricter on what it relays and with L{ChunkedDecoder}.
+
+    Written against Twisted 26.10.0: C{_transferDecoders} is private; C{connHeaders} holds
+    the connection control headers (C{Connection} among them) apart from the response's.
+    """
+
+    # ChunkedDecoder does the job of Twisted's _ChunkedTransferDecoder, without being one.
+    _transferDecoders = {b"chunked": ChunkedDecoder}  # type: ignore[dict-item]  # noqa: RUF012
+
+    @override
+    def statusReceived(self, status: bytes) -> None:
+        """A status code is three digits (RFC 9110 15); anything else is not HTTP (502)."""
+        parts = status.split(b" ", 2)
+        if len(parts) < 2 or len(parts[1]) != 3 or not parts[1].isdigit():
+            raise ParseError("invalid status code", status)
+        super().statusReceived(status)  # type: ignore[no-untyped-call]
+
+    @override
+    def allHeadersReceived(self) -> None:
+        """Twisted's, once the headers the upstream's C{Connection} names are dropped."""
+        for name in connection_named(self.connHeaders):
+            self.headers.removeHeader(name)
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):

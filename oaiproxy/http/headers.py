@@ -18,6 +18,7 @@ from oaiproxy.errors import InvalidRequest
 __all__ = [
     "HOP_BY_HOP",
     "add_checked",
+    "connection_named",
     "downstream_response_headers",
     "is_valid_name",
     "is_valid_reason",
@@ -26,14 +27,12 @@ __all__ = [
     "upstream_request_headers",
 ]
 
-#: Headers that describe one connection, never forwarded (RFC 9110 7.6.1, plus Proxy-*).
+#: Headers that describe one connection, never forwarded (RFC 9110 7.6.1); so is every
+#: C{Proxy-*} header (see L{is_hop_by_hop}).
 HOP_BY_HOP = frozenset(
     {
         b"connection",
         b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
         b"te",
         b"trailer",
         b"transfer-encoding",
@@ -90,7 +89,7 @@ def set_checked(headers: Headers, name: bytes, value: bytes) -> None:
     headers._rawHeaders[_nameEncoder.encode(name)] = [value]
 
 
-def _connection_named(headers: Headers) -> frozenset[bytes]:
+def connection_named(headers: Headers) -> frozenset[bytes]:
     """The header names listed in C{Connection}, lower-cased: they are hop-by-hop too."""
     named: set[bytes] = set()
     for value in headers.getRawHeaders(b"connection", []):
@@ -103,10 +102,10 @@ def _connection_named(headers: Headers) -> frozenset[bytes]:
 
 def _end_to_end(headers: Headers, skip: frozenset[bytes]) -> Iterable[tuple[bytes, bytes, bytes]]:
     """Yield (lower name, name, value) for the end-to-end headers not in C{skip}."""
-    dropped = HOP_BY_HOP | skip | _connection_named(headers)
+    dropped = HOP_BY_HOP | skip | connection_named(headers)
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
-        if lower in dropped or lower.startswith(b":"):
+        if lower in dropped or lower.startswith((b":", b"proxy-")):
             continue
         for value in values:
             yield lower, name, value

@@ -351,6 +351,40 @@ def start_mock(testcase: TestCase, name: str, *, fault: bytes | None = None) -> 
     return MockServer(name, listening.getHost().port, site, listening, seen, tracker)
 
 
+class _RawAnswer(Protocol):
+    """Reads one request (head and Content-Length body), then writes fixed bytes and closes."""
+
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        head_end = self._buffer.find(b"\r\n\r\n")
+        if head_end < 0:
+            return
+        length = 0
+        for line in self._buffer[:head_end].split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(self._buffer) >= head_end + 4 + length:
+            assert self.transport is not None
+            self.transport.write(self._answer)
+            self.transport.loseConnection()
+
+
+def start_raw_upstream(testcase: TestCase, answer: bytes) -> UpstreamConfig:
+    """
+    An upstream on 127.0.0.1 that answers every request with the bytes C{answer}, as they are
+    (a broken or unusual server), and closes the connection.
+    """
+    factory = Factory.forProtocol(lambda: _RawAnswer(answer))
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    testcase.addCleanup(listening.stopListening)
+    return UpstreamConfig(url=f"http://127.0.0.1:{listening.getHost().port}/v1", name="raw")
+
+
 # -- the proxy -------------------------------------------------------------------------------
 
 
