@@ -94,11 +94,19 @@ class NotFound(ProxyError):
 
 
 class MethodNotAllowed(ProxyError):
-    """The route exists but not for this method."""
+    """
+    The route exists but not for this method.
+
+    @ivar allow: the methods it takes, for the C{Allow} header (RFC 9110 15.5.6).
+    """
 
     status = 405
     error_type = "invalid_request_error"
     code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: bytes) -> None:
+        super().__init__(message)
+        self.allow = allow
 
 
 class BodyTooLarge(ProxyError):

@@ -29,11 +29,25 @@ class RouteTests(SynchronousTestCase):
         self.assertEqual(h.sent(), [])
 
     def test_healthz_post_405(self) -> None:
-        """POST /healthz is 405 JSON."""
+        """POST /healthz is 405 JSON, with the methods it takes."""
         h = make_harness()
         _, transport = h.send(post(b"/healthz", b"{}"))
-        status, error, _ = error_of(transport.value())
+        status, error, headers = error_of(transport.value())
         self.assertEqual((status, error["code"]), (405, "method_not_allowed"))
+        self.assertEqual(headers[b"allow"], [b"GET, HEAD"])
+
+    def test_other_methods_405(self) -> None:
+        """
+        Methods outside GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS are not forwarded:
+        405 JSON with Allow. TRACE would echo credentials; methods are case-sensitive.
+        """
+        for method in (b"TRACE", b"CONNECT", b"FOO", b"get", b"PROPFIND"):
+            h = make_harness()
+            _, transport = h.send(method + b" /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, error, headers = error_of(transport.value())
+            self.assertEqual((status, error["code"]), (405, "method_not_allowed"), method)
+            self.assertEqual(headers[b"allow"], [b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"])
+            self.assertEqual(h.sent(), [])
 
     def test_unknown_path_404(self) -> None:
         """Paths outside /v1 get an OpenAI-shaped 404 with all four keys and a request id."""
@@ -82,6 +96,19 @@ class BodyTests(SynchronousTestCase):
         )
         _, transport = h.send(raw)
         self.assertEqual(parse_response(transport.value())[0], 400)
+
+    def test_not_quite_json_400(self) -> None:
+        """
+        What Python's parser takes but JSON is not (NaN, Infinity), and nesting deeper than
+        the parser goes, are 400 invalid_json and never forwarded (not a 500).
+        """
+        deep = b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        for body in (b'{"x": NaN}', b'{"x": -Infinity}', b'{"x": [Infinity]}', deep):
+            h = make_harness()
+            _, transport = h.send(post(b"/v1/embeddings", body))
+            status, error, _ = error_of(transport.value())
+            self.assertEqual((status, error["code"]), (400, "invalid_json"), body[:20])
+            self.assertEqual(h.sent(), [])
 
     def test_non_object_json_400(self) -> None:
         """A JSON array is not a request."""

@@ -235,8 +235,24 @@ def write_error(request: server.Request, error: ProxyError) -> None:
     headers.setRawHeaders(b"x-request-id", [request_id])
     if error.retry_after is not None:
         headers.setRawHeaders(b"retry-after", [b"%d" % error.retry_after])
+    if isinstance(error, MethodNotAllowed):
+        headers.setRawHeaders(b"allow", [error.allow])
     request.write(body)
     request.finish()
+
+
+#: The methods forwarded upstream; any other is answered 405 (with C{Allow}).
+FORWARDED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+
+
+def _shown(method: bytes) -> str:
+    """A method for a message: printable, and short."""
+    return method[:32].decode("ascii", "replace")
+
+
+def _not_json(constant: str) -> Any:
+    """C{NaN}, C{Infinity} and C{-Infinity} are Python's JSON, not JSON (RFC 8259)."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 #: Endpoints whose POST body is JSON whatever Content-Type the client claims (under /v1).
@@ -320,12 +336,19 @@ class ProxyResource(Resource):
         method = request.method
         if path == b"/healthz":
             if method not in (b"GET", b"HEAD"):
-                raise MethodNotAllowed(f"{method.decode('latin-1')} is not allowed on /healthz")
+                raise MethodNotAllowed(
+                    f"{_shown(method)} is not allowed on /healthz", allow=b"GET, HEAD"
+                )
             self._write_json(request, 200, {"status": "ok"})
             return server.NOT_DONE_YET
         if path != b"/v1" and not path.startswith(b"/v1/"):
-            raise NotFound(
-                f"Invalid URL ({method.decode('latin-1')} {path.decode('latin-1')[:200]})"
+            raise NotFound(f"Invalid URL ({_shown(method)} {path.decode('latin-1')[:200]})")
+        if method not in FORWARDED_METHODS:
+            # TRACE would echo the client's credentials back; CONNECT is no proxy request
+            # here; methods are case-sensitive, so "get" is not GET.
+            raise MethodNotAllowed(
+                f"{_shown(method)} is not allowed on {path.decode('latin-1')[:200]}",
+                allow=b", ".join(sorted(FORWARDED_METHODS)),
             )
         for _, values in request.requestHeaders.getAllRawHeaders():
             for value in values:
@@ -343,8 +366,9 @@ class ProxyResource(Resource):
         rest = path[3:]
         if method in (b"POST", b"PUT", b"PATCH") and _is_json_body(request, rest):
             try:
-                parsed = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
+                parsed = json.loads(body, parse_constant=_not_json)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                # RecursionError: nested deeper than the parser goes (about 1,000 levels).
                 raise InvalidJSON(
                     "We could not parse the JSON body of your request. (HINT: This likely "
                     "means you aren't using your HTTP library correctly.)"
