@@ -67,6 +67,21 @@ class RefusalTests(SynchronousTestCase):
             b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400, "invalid_request"
         )
 
+    def test_bare_lf(self) -> None:
+        """
+        A head with LF line ends (no CR) is refused at once, wherever the LF is, instead of
+        waiting for the head deadline.
+        """
+        for raw in (
+            b"GET /v1/models HTTP/1.1\nHost: x\n\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: x\n\r\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: 1\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-B: a\rb\r\n\r\n",
+        ):
+            harness = make_harness()
+            error = self.refused(raw, 400, "invalid_request", harness)
+            self.assertIn("bare", error["message"])
+
     def test_obs_fold(self) -> None:
         """Obsolete line folding is refused, not unfolded as Twisted would."""
         error = self.refused(

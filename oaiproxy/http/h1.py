@@ -104,9 +104,24 @@ class ProxyHTTPChannel(HTTPChannel):
             return
         if not (self.fast_heads and requesthead.parse_head(self, data)):
             super().dataReceived(data)
+        if self._bare_lf():
+            # Twisted splits heads on CRLF only: it would wait for the head deadline (408,
+            # which clients retry) on a head its client thinks complete.
+            self._refuse(InvalidRequest("a line of the request head has a bare LF"))
+            return
         if self._head_deadline is None and not self._refused and self._partial_line():
             # The first bytes of a head whose first line has not ended yet.
             self._arm_head_deadline()
+
+    def _bare_lf(self) -> bool:
+        """Whether the head waiting in the line buffer has an LF not preceded by CR."""
+        buffer: bytes = self._buffer  # LineReceiver's (private) buffer
+        return (
+            bool(buffer)
+            and bool(self.line_mode)
+            and not self._refused
+            and buffer.count(b"\n") != buffer.count(b"\r\n")
+        )
 
     def _partial_line(self) -> bool:
         """Whether part of a request line waits in the line buffer (not a lone CRLF)."""
@@ -122,6 +137,11 @@ class ProxyHTTPChannel(HTTPChannel):
     @override
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
+            return
+        if b"\n" in line or b"\r" in line:
+            # A bare LF or CR inside a CRLF-ended line (RFC 9112 section 2.2): the client and
+            # Twisted would not agree on where the line ends.
+            self._refuse(InvalidRequest("a line of the request head has a bare CR or LF"))
             return
         if not self._in_head:
             if line:
