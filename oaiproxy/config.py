@@ -148,6 +148,8 @@ class UpstreamConfig:
             raise ConfigError(f"upstream URL {self.url!r} has no host")
         if parsed.query or parsed.fragment:
             raise ConfigError(f"upstream URL {self.url!r} must not have a query or fragment")
+        if parsed.port is not None and parsed.port > 65535:
+            raise ConfigError(f"upstream URL {self.url!r}: the port must be at most 65535")
         if not 1 <= self.weight <= 1000:
             raise ConfigError(f"upstream weight must be 1..1000, not {self.weight}")
         if self.key_env is not None and not _ENV_NAME.match(self.key_env):
@@ -319,7 +321,11 @@ def parse_listen(spec: str) -> ListenerConfig:
         raise ConfigError(f"listen {spec!r}: port {port_text!r} is not a number") from None
     opts = _split_kv(rest, spec)
     interface = opts.pop("interface", "")
-    backlog = int(opts.pop("backlog", "511"))
+    backlog_text = opts.pop("backlog", "511")
+    try:
+        backlog = int(backlog_text)
+    except ValueError:
+        raise ConfigError(f"listen {spec!r}: backlog {backlog_text!r} is not a number") from None
     if kind_word == "tcp":
         if opts:
             raise ConfigError(f"listen {spec!r}: unknown options {sorted(opts)}")

@@ -89,10 +89,11 @@ def resolve_keys(pool: PoolConfig, environ: Mapping[str, str]) -> list[Upstream]
     for config in pool.upstreams:
         key: bytes | None = None
         if config.key_env is not None:
-            value = environ.get(config.key_env, "")
+            value = environ.get(config.key_env)
             if not value:
+                state = "is not set" if value is None else "is empty"
                 raise ConfigError(
-                    f"upstream {config.name}: environment variable {config.key_env} is not set"
+                    f"upstream {config.name}: environment variable {config.key_env} {state}"
                 )
             key = value.encode("latin-1")
         upstreams.append(Upstream(config, key))

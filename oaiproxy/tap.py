@@ -28,11 +28,30 @@ __all__ = ["Options", "config_from_options", "makeService"]
 _DEMO_LISTEN = ("tcp:8080:interface=127.0.0.1", "ssl:8443:selfsigned:interface=127.0.0.1")
 
 
-def _seconds_or_none(text: str) -> float | None:
+def _seconds_or_none(options: Any, name: str) -> float | None:
     """A deadline from the command line: seconds, or 0/none/off to disable it."""
+    text = str(options[name])
     if text.lower() in ("0", "none", "off"):
         return None
-    return float(text)
+    return _seconds(options, name)
+
+
+def _seconds(options: Any, name: str) -> float:
+    """Option C{name} as seconds; L{ConfigError} naming the option otherwise."""
+    text = str(options[name])
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--{name}: {text!r} is not a number of seconds") from None
+
+
+def _whole(options: Any, name: str) -> int:
+    """Option C{name} as a whole number; L{ConfigError} naming the option otherwise."""
+    text = str(options[name])
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--{name}: {text!r} is not a whole number") from None
 
 
 class Options(usage.Options):
@@ -118,22 +137,22 @@ def config_from_options(options: Any) -> ProxyConfig:
         listeners=tuple(parse_listen(spec) for spec in listen),
         pools=(PoolConfig(upstreams=upstreams),) if upstreams else (),
         deadlines=Deadlines(
-            connect=_seconds_or_none(options["connect-timeout"]),
-            first_byte=_seconds_or_none(options["first-byte-timeout"]),
-            idle=_seconds_or_none(options["idle-timeout"]),
-            total=_seconds_or_none(options["total-timeout"]),
-            send=_seconds_or_none(options["send-timeout"]),
+            connect=_seconds_or_none(options, "connect-timeout"),
+            first_byte=_seconds_or_none(options, "first-byte-timeout"),
+            idle=_seconds_or_none(options, "idle-timeout"),
+            total=_seconds_or_none(options, "total-timeout"),
+            send=_seconds_or_none(options, "send-timeout"),
         ),
         limits=Limits(
-            max_body_bytes=int(options["max-body"]),
-            stream_high_water=int(options["high-water"]),
-            client_idle_timeout=float(options["client-idle"]),
-            header_timeout=float(options["header-timeout"]),
-            max_headers=int(options["max-headers"]),
-            max_header_bytes=int(options["max-header-bytes"]),
-            max_connections=int(options["max-connections"]),
-            max_attempts=int(options["attempts"]),
-            upstream_connections=int(options["upstream-connections"]),
+            max_body_bytes=_whole(options, "max-body"),
+            stream_high_water=_whole(options, "high-water"),
+            client_idle_timeout=_seconds(options, "client-idle"),
+            header_timeout=_seconds(options, "header-timeout"),
+            max_headers=_whole(options, "max-headers"),
+            max_header_bytes=_whole(options, "max-header-bytes"),
+            max_connections=_whole(options, "max-connections"),
+            max_attempts=_whole(options, "attempts"),
+            upstream_connections=_whole(options, "upstream-connections"),
         ),
         demo=bool(options["demo"]),
         state_dir=options["state-dir"],
@@ -141,7 +160,15 @@ def config_from_options(options: Any) -> ProxyConfig:
 
 
 def makeService(options: Options) -> IService:
-    """Build the service for twistd, on the global reactor (this is an entry point)."""
+    """
+    Build the service for twistd, on the global reactor (this is an entry point).
+
+    What only shows when building (an unset key variable, an unusable certificate or state
+    directory) ends the start with a one-line message and status 1, as a bad option does.
+    """
     from twisted.internet import reactor
 
-    return build_service(options.config, reactor)
+    try:
+        return build_service(options.config, reactor)
+    except ConfigError as e:
+        raise SystemExit(f"oaiproxy: {e}") from None

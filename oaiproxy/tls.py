@@ -331,7 +331,13 @@ def listener_endpoint(
 
     shown: str | None = None
     if listener.self_signed:
-        key_path, cert_path = ensure_self_signed(state_dir)
+        try:
+            key_path, cert_path = ensure_self_signed(state_dir)
+        except OSError as e:
+            raise ConfigError(
+                f"state directory {state_dir!r}: cannot keep the self-signed certificate "
+                f"there: {e.strerror or e}"
+            ) from None
         shown = cert_path
     else:
         # ListenerConfig guarantees a private key; the certificate may share its file.

@@ -50,6 +50,7 @@ class UpstreamConfigTests(SynchronousTestCase):
             {"url": "http://h/v1", "key_env": "NOT-A-NAME"},
             {"url": "http://h/v1", "ca_bundle": "/x.pem"},
             {"url": "http:///v1"},
+            {"url": "http://127.0.0.1:99999/v1"},
         ):
             with self.assertRaises(ConfigError, msg=str(kwargs)):
                 UpstreamConfig(**kwargs)
@@ -90,7 +91,15 @@ class ParseTests(SynchronousTestCase):
 
     def test_parse_listen_rejects(self) -> None:
         """Unknown kinds, bad ports, ssl without a certificate, unknown options."""
-        for spec in ("udp:53", "tcp:x", "ssl:443", "tcp:80:privateKey=k", "tcp:1:foo=bar", "tcp"):
+        for spec in (
+            "udp:53",
+            "tcp:x",
+            "ssl:443",
+            "tcp:80:privateKey=k",
+            "tcp:1:foo=bar",
+            "tcp",
+            "tcp:1:backlog=abc",
+        ):
             with self.assertRaises(ConfigError, msg=spec):
                 parse_listen(spec)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -12,7 +14,7 @@ from zope.interface.verify import verifyObject
 
 from oaiproxy.config import ConfigError, ListenerConfig, PoolConfig, ProxyConfig, UpstreamConfig
 from oaiproxy.service import build_service
-from oaiproxy.tap import Options
+from oaiproxy.tap import Options, makeService
 
 
 def parse(*argv: str) -> ProxyConfig:
@@ -71,6 +73,39 @@ class OptionsTests(SynchronousTestCase):
         ):
             with self.assertRaises(usage.UsageError, msg=str(argv)):
                 parse(*argv)
+
+    def test_bad_numbers_name_their_option(self) -> None:
+        """A value that is not a number is a usage error naming the option and the value."""
+        base = ["--listen", "tcp:1", "--upstream", "http://h/v1"]
+        for option, value in (
+            ("--attempts", "abc"),
+            ("--max-body", "32MiB"),
+            ("--high-water", "1e6"),
+            ("--attempts", "1.5"),
+            ("--client-idle", "abc"),
+            ("--connect-timeout", "soon"),
+        ):
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(*base, option, value)
+            self.assertIn(option, str(caught.exception))
+            self.assertIn(repr(value), str(caught.exception))
+
+    def test_build_errors_end_the_start_with_a_message(self) -> None:
+        """
+        What only shows when building the service (here an unset key variable) ends
+        makeService with a one-line message (SystemExit), not a traceback.
+        """
+        self.patch(os, "environ", {})
+        options = Options()
+        options.parseOptions(
+            ["--listen", "tcp:1", "--upstream", "http://h/v1,key_env=OAIPROXY_TEST_UNSET"]
+        )
+        with self.assertRaises(SystemExit) as caught:
+            makeService(options)
+        self.assertEqual(
+            caught.exception.code,
+            "oaiproxy: upstream h:80: environment variable OAIPROXY_TEST_UNSET is not set",
+        )
 
     def test_plugins_discoverable(self) -> None:
         """Both service makers are twistd plugins providing IServiceMaker."""

@@ -476,6 +476,17 @@ class ListenerEndpointTests(SynchronousTestCase):
         handshake = _Handshake(options, _client(cert, [b"h2", b"http/1.1"]))
         self.assertEqual(handshake.client.negotiatedProtocol, b"h2")
 
+    def test_unusable_state_dir(self) -> None:
+        """A state directory that cannot be made is a ConfigError naming it, not an OSError."""
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass  # a file where the directory should be
+        listener = ListenerConfig("tls", 8443, self_signed=True)
+        for state in (blocker, os.path.join(blocker, "below")):
+            with self.assertRaises(ConfigError) as caught:
+                listener_endpoint(self.reactor, listener, state)
+            self.assertIn(repr(state), str(caught.exception))
+
     def test_tls_key_files(self) -> None:
         """A tls listener with files uses them, and reports no generated certificate."""
         key_path, cert_path = ensure_self_signed(self.mktemp())
