@@ -19,7 +19,7 @@ from typing_extensions import override
 from oaiproxy.balancing.pool import Pool, Upstream
 from oaiproxy.config import ConfigError, PoolConfig, ProxyConfig, UpstreamConfig
 from oaiproxy.http.forwarder import Forwarder, build_agents
-from oaiproxy.http.h2fix import ProxySite, require_h2
+from oaiproxy.http.h2fix import ProxySite
 from oaiproxy.http.resource import ProxyResource, request_factory
 from oaiproxy.listening import Endpoint, Listeners
 from oaiproxy.tls import listener_endpoint
@@ -166,10 +166,7 @@ def build_service(
     @param environ: where upstream keys (C{key_env}) are read; C{os.environ} by default.
     @raise ConfigError: for anything wrong in C{config} that only shows at build time
         (missing key variable, unreadable certificate).
-    @raise RuntimeError: if a TLS listener is configured but HTTP/2 support is missing.
     """
-    if any(listener.kind == "tls" for listener in config.listeners):
-        require_h2()
     environ = os.environ if environ is None else environ
     top = MultiService()
     banner: list[str] = []

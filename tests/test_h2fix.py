@@ -37,7 +37,6 @@ from oaiproxy.http.h2fix import (
     ProxyH2Connection,
     ProxyHTTPChannelSwitch,
     ProxySite,
-    require_h2,
 )
 from oaiproxy.http.h2streams import RefusingH2Connection
 from tests.support.h2client import CLIENT_ADDRESS, REQUEST_HEADERS, H2Client, h2_server
@@ -773,13 +772,6 @@ class SwitchAndSiteTests(SynchronousTestCase):
         self.assertIsInstance(protocol._channel, http.HTTPChannel)
         [event] = [e for e in events if e["log_level"] == LogLevel.error]
         self.assertEqual(event["protocol"], b"h2")
-
-    def test_require_h2(self) -> None:
-        """require_h2 passes with HTTP/2 support and raises a clear RuntimeError without."""
-        require_h2()
-        self.patch(http, "H2_ENABLED", False)
-        error = self.assertRaises(RuntimeError, require_h2)
-        self.assertIn("install twisted[http2]", str(error))
 
     def test_site_settings(self) -> None:
         """The site is quiet, on the injected reactor, and configures each protocol like Site."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
@@ -143,15 +146,23 @@ class BuildServiceTests(SynchronousTestCase):
             build_service(self.config(key_env="SECRET_KEY_VAR"), reactor, environ={})
         self.assertIn("SECRET_KEY_VAR", str(caught.exception))
 
-    def test_tls_without_h2_support_fails(self) -> None:
-        """A TLS listener without HTTP/2 support fails at start-up instead of breaking clients."""
-        from twisted.web import http
-
-        self.patch(http, "H2_ENABLED", False)
-        config = ProxyConfig(listeners=(ListenerConfig("tls", 8443, self_signed=True),), demo=True)
-        with self.assertRaises(RuntimeError) as caught:
-            build_service(config, MemoryReactorClock(), environ={})
-        self.assertIn("HTTP/2", str(caught.exception))
+    def test_no_h2_support_fails_clearly(self) -> None:
+        """
+        Without Twisted's HTTP/2 support (the priority package missing), importing oaiproxy
+        fails with a message saying what to install, not a traceback from deep inside.
+        """
+        code = "import sys; sys.modules['priority'] = None; import oaiproxy"
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        done = subprocess.run(
+            [sys.executable, "-c", code], check=False, capture_output=True, env=env, timeout=60
+        )
+        self.assertNotEqual(done.returncode, 0)
+        last = done.stderr.decode().strip().splitlines()[-1]
+        self.assertEqual(
+            last,
+            "ImportError: oaiproxy needs HTTP/2 support: install twisted[http2] "
+            "(the h2 and priority packages)",
+        )
 
     def test_demo_starts_mocks(self) -> None:
         """Demo mode binds two mock upstreams on loopback and logs the fake-answers banner."""

@@ -80,7 +80,6 @@ __all__ = [
     "ProxyH2Connection",
     "ProxyHTTPChannelSwitch",
     "ProxySite",
-    "require_h2",
 ]
 
 #: Empty DATA frames (no data, no END_STREAM) one connection may send before it is closed.
@@ -88,19 +87,6 @@ MAX_EMPTY_DATA_FRAMES: Final = 100
 
 DEFAULT_STREAM_HIGH_WATER: Final = 256 * 1024
 """Bytes of response data queued per HTTP/2 stream before its producer is paused."""
-
-_H2_UNAVAILABLE: Final = "HTTP/2 support unavailable: install twisted[http2] (h2, priority)"
-
-
-def require_h2() -> None:
-    """
-    Check that Twisted can serve HTTP/2.
-
-    @raise RuntimeError: if Twisted's HTTP/2 support (the C{h2} and C{priority} packages) is
-        not importable.
-    """
-    if not http.H2_ENABLED:
-        raise RuntimeError(_H2_UNAVAILABLE)
 
 
 class ProxyH2Connection(H2Connection):
