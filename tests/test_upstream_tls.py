@@ -85,3 +85,16 @@ class UpstreamTLSTests(TestCase):
         code, body, upstream = await self.post(base)
         self.assertEqual((code, upstream), (502, ""))
         self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
+        # Says why, rather than "closed the connection before answering".
+        self.assertIn("could not be verified", body["error"]["message"])
+
+    async def test_wrong_name_is_502(self) -> None:
+        """A certificate for other names fails the request with a 502 that says so."""
+        key, cert = ensure_self_signed(self.mktemp(), hostnames=("other.invalid",))
+        site = build_mock_site(MockConfig(name="other"), reactor)
+        port = reactor.listenSSL(0, site, server_context_factory(key, cert), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        base = self.proxy(f"https://localhost:{port.getHost().port}/v1", cert)
+        code, body, upstream = await self.post(base)
+        self.assertEqual((code, upstream), (502, ""))
+        self.assertIn("does not name", body["error"]["message"])

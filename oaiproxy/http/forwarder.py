@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
 from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
@@ -368,6 +370,19 @@ def build_agents(
     return agents, pool
 
 
+def _tls_failure(exc: BaseException) -> str | None:
+    """Why a TLS handshake with an upstream failed, if C{exc} is such a failure."""
+    if isinstance(exc, VerificationError | CertificateError):
+        return "the certificate does not name the upstream's host"
+    if isinstance(exc, SSL.Error):
+        # OpenSSL's errors are lists of (library, function, reason) triples.
+        details = [str(e[-1]) for e in (exc.args[0] if exc.args else []) if isinstance(e, tuple)]
+        if any("certificate verify failed" in d for d in details):
+            return "the certificate could not be verified (an unknown CA? see ca= in the docs)"
+        return ", ".join(details) or "TLS error"
+    return None
+
+
 def map_failure(failure: Failure) -> ProxyError:
     """
     The proxy error for a failure of an upstream request before its response headers.
@@ -388,6 +403,9 @@ def map_failure(failure: Failure) -> ProxyError:
         for reason in reasons:
             if isinstance(reason.value, ParseError):
                 return UpstreamProtocolError("upstream sent an invalid response")
+            why = _tls_failure(reason.value)
+            if why is not None:
+                return UpstreamConnectFailed(f"upstream TLS handshake failed: {why}")
         if isinstance(exc, ResponseNeverReceived | RequestTransmissionFailed):
             return UpstreamConnectFailed("upstream closed the connection before answering")
         return UpstreamProtocolError("upstream response failed")
