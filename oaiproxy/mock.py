@@ -36,6 +36,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import IO, Any, ClassVar, Literal, Protocol, cast
 
 from twisted.application.service import IService
@@ -104,7 +105,7 @@ class _Request(Protocol):
 
     def setHeader(self, name: bytes, value: bytes) -> None: ...
 
-    def setResponseCode(self, code: int) -> None: ...
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None: ...
 
     def write(self, data: bytes) -> None: ...
 
@@ -699,7 +700,8 @@ def _read_json(request: _Request) -> _Json:
 
 def _json_response(request: _Request, status: int, body: _Json) -> bytes:
     """Set status and JSON headers on C{request}; return the body for C{render}."""
-    request.setResponseCode(status)
+    # The standard phrase: Twisted's table lacks 429 (it would write "Unknown Status").
+    request.setResponseCode(status, HTTPStatus(status).phrase.encode("ascii"))
     request.setHeader(b"content-type", b"application/json")
     return _dumps(body)
 

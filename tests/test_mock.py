@@ -450,6 +450,9 @@ class FaultTests(SynchronousTestCase):
         exchange.send(b"POST", _CHAT, _chat(), {b"x-mock-fault": b"429"})
         response = exchange.response()
         self.assertEqual(response.status, 429)
+        self.assertTrue(
+            exchange.transport.value().startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+        )
         self.assertEqual(response.header(b"retry-after"), b"1")
         error = response.json()["error"]
         self.assertEqual(error["code"], "rate_limit_exceeded")

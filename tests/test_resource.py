@@ -7,6 +7,7 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import Limits
+from oaiproxy.http.early import reason_phrase
 from oaiproxy.http.resource import _Body
 from tests.support.fakes import forbid_temporary_files, make_harness, parse_response, post
 
@@ -237,3 +238,14 @@ class BodyBufferTests(SynchronousTestCase):
         self.assertEqual(body.read(10), b"g")
         body.close()
         self.assertEqual((body.tell(), body.read()), (0, b""))
+
+
+class ReasonPhraseTests(SynchronousTestCase):
+    """Reason phrases for every status the proxy answers with."""
+
+    def test_phrases(self) -> None:
+        """Twisted's table where it has one; the standard one for 429 and 431."""
+        self.assertEqual(reason_phrase(404), b"Not Found")
+        self.assertEqual(reason_phrase(429), b"Too Many Requests")
+        self.assertEqual(reason_phrase(431), b"Request Header Fields Too Large")
+        self.assertEqual(reason_phrase(599), b"Error")

@@ -9,19 +9,30 @@ from __future__ import annotations
 
 import itertools
 import os
+from http import HTTPStatus
 
 from twisted.web.http import RESPONSES
 
 from oaiproxy.errors import ProxyError
 
-__all__ = ["early_error_response", "new_request_id"]
+__all__ = ["early_error_response", "new_request_id", "reason_phrase"]
 
 # Request ids: a random per-process prefix and a counter, 32 hex digits like a UUID, unique
 # without a getrandom() call per request.
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
-# Reason phrases Twisted's table lacks (RFC 6585).
-_REASONS = {431: b"Request Header Fields Too Large"}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The reason phrase for C{status}: Twisted's, else the standard library's (Twisted's
+    table lacks RFC 6585's 429 and 431, and writes C{Unknown Status} for them)."""
+    phrase = RESPONSES.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase.encode("ascii")
+        except ValueError:
+            phrase = b"Error"
+    return phrase
 
 
 def new_request_id() -> bytes:
@@ -32,7 +43,7 @@ def new_request_id() -> bytes:
 def early_error_response(error: ProxyError, request_id: bytes) -> bytes:
     """The bytes of an HTTP/1.1 response carrying C{error}, closing the connection."""
     body = error.to_json()
-    reason = _REASONS.get(error.status) or RESPONSES.get(error.status, b"Error")
+    reason = reason_phrase(error.status)
     retry = b"" if error.retry_after is None else b"retry-after: %d\r\n" % error.retry_after
     return (
         b"HTTP/1.1 %d %s\r\n"

@@ -29,7 +29,7 @@ from oaiproxy.errors import (
     NotFound,
     ProxyError,
 )
-from oaiproxy.http.early import early_error_response, new_request_id
+from oaiproxy.http.early import early_error_response, new_request_id, reason_phrase
 from oaiproxy.http.exchange import Exchange
 from oaiproxy.http.forwarder import Forwarder
 from oaiproxy.http.headers import is_valid_value
@@ -228,7 +228,7 @@ def write_error(request: server.Request, error: ProxyError) -> None:
     if getattr(request, "_disconnected", False) or request.finished:
         return
     body = error.to_json()
-    request.setResponseCode(error.status)
+    request.setResponseCode(error.status, reason_phrase(error.status))
     headers = request.responseHeaders
     headers.setRawHeaders(b"content-type", [b"application/json"])
     headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
