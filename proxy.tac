@@ -21,6 +21,8 @@ from oaiproxy import (
 config = ProxyConfig(
     listeners=(
         # Plain HTTP/1.1 on loopback. Use interface="" (or "0.0.0.0") for all interfaces.
+        # backlog=N (default 511) sets the listen queue. A port that cannot be had (taken,
+        # or an address the machine lacks) stops the start with a message saying which.
         ListenerConfig("tcp", 8080, interface="127.0.0.1"),
         # TLS with ALPN (HTTP/2 and HTTP/1.1). self_signed=True generates a certificate for
         # localhost once (kept in state_dir, path printed at start-up); in production give
@@ -35,6 +37,7 @@ config = ProxyConfig(
                 # key_env: the proxy sends "Authorization: Bearer $VAR" instead of the
                 #   client's header (the client never needs the real key).
                 # ca_bundle: PEM CA file to verify an https:// upstream (system store if None).
+                # name: a label for logs and error messages (default "host:port").
                 UpstreamConfig("http://127.0.0.1:9001/v1", weight=1),
                 UpstreamConfig("http://127.0.0.1:9002/v1", weight=3),
                 # UpstreamConfig("https://api.openai.com/v1", key_env="OPENAI_API_KEY"),
@@ -58,7 +61,8 @@ config = ProxyConfig(
         max_headers=100,  # header fields allowed in a request head (431 above)
         max_header_bytes=32 * 1024,  # bytes allowed in a request head (431 above)
         max_connections=10_000,  # client connections held at once (503 past it)
-        max_attempts=3,  # upstreams tried before answering 502 (only before the first byte)
+        max_attempts=3,  # upstreams tried per request, only before the first byte; then 502,
+        #   or the last upstream's own answer when it answered (a 5xx passes through)
         upstream_connections=256,  # idle keep-alive connections kept per upstream
     ),
     state_dir=".oaiproxy",  # generated files (the self-signed certificate)

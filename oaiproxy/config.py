@@ -125,7 +125,7 @@ class UpstreamConfig:
         the proxy sends C{Authorization: Bearer $NAME} in place of the client's.
     @ivar ca_bundle: a PEM file of CA certificates to verify this upstream with (HTTPS only);
         the system trust store otherwise.
-    @ivar name: a short label for logs and the C{x-oaiproxy-upstream} header; defaults to
+    @ivar name: a short label for logs and error messages; defaults to
         C{host:port}.
     """
 

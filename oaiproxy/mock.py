@@ -787,15 +787,35 @@ def _endpoints(reactor: Any, descriptions: Sequence[str], config: MockConfig) ->
 def _parse_args(argv: Sequence[str]) -> tuple[MockConfig, list[str]]:
     """The configuration and listen endpoints of the command line C{argv} (without argv[0])."""
     parser = argparse.ArgumentParser(
-        prog="python -m oaiproxy.mock", description="An OpenAI-compatible fake upstream."
+        prog="python -m oaiproxy.mock",
+        description="An OpenAI-compatible fake upstream. Requests may override the defaults "
+        "below with x-mock-* headers (chunks, chunk size, delays, faults): see docs/mock.md.",
     )
-    parser.add_argument("--listen", action="append", default=[], help="endpoint, repeatable")
-    parser.add_argument("--name", default="mock")
-    parser.add_argument("--chunks", type=int, default=8)
-    parser.add_argument("--chunk-size", type=int, default=4)
-    parser.add_argument("--delay-ms", type=float, default=0.0)
-    parser.add_argument("--first-token-ms", type=float, default=0.0)
-    parser.add_argument("--model", default="mock-gpt")
+    parser.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ENDPOINT",
+        help="Twisted endpoint to listen on, e.g. tcp:9001:interface=127.0.0.1 "
+        "(repeatable; default tcp:9001)",
+    )
+    parser.add_argument("--name", default="mock", help="sent back in x-mock-upstream")
+    parser.add_argument("--chunks", type=int, default=8, help="content chunks per answer")
+    parser.add_argument(
+        "--chunk-size", type=int, default=4, help="characters of content per chunk"
+    )
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.0, help="milliseconds between streamed chunks"
+    )
+    parser.add_argument(
+        "--first-token-ms",
+        type=float,
+        default=0.0,
+        help="milliseconds before the first chunk (or the whole non-streamed answer)",
+    )
+    parser.add_argument(
+        "--model", default="mock-gpt", help="model answered when a request names none"
+    )
     args = parser.parse_args(list(argv))
     try:
         config = MockConfig(
