@@ -269,8 +269,18 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
 
     def test_every_5xx_tries_next(self) -> None:
-        """Any 5xx before the first byte fails over; a 4xx (the client's mistake) does not."""
-        for status, fails_over in [(500, True), (504, True), (599, True), (429, False)]:
+        """
+        Any 5xx or 429 (rate limited) before the first byte fails over; another 4xx (the
+        client's mistake) does not.
+        """
+        for status, fails_over in [
+            (500, True),
+            (504, True),
+            (599, True),
+            (429, True),
+            (404, False),
+            (400, False),
+        ]:
             h = make_harness([upstream_config("a"), upstream_config("b")])
             h.send(post(b"/v1/embeddings", b"{}"))
             h.sent("a")[0].deferred.callback(FakeResponse(status, {}, length=0))
@@ -286,6 +296,63 @@ class FailoverTests(SynchronousTestCase):
         bad.end()
         status, headers, body = parse_response(transport.value())
         self.assertEqual((status, body, headers[b"retry-after"]), (503, b"nope", [b"7"]))
+
+    def test_429_cools_the_upstream_down(self) -> None:
+        """
+        A 429 with Retry-After fails over, and leaves that upstream out of the picks for
+        that long (then it is back).
+        """
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        h.send(post(b"/v1/embeddings", b"{}"))
+        limited = FakeResponse(429, {b"retry-after": [b"2"]}, length=0)
+        h.sent("a")[0].deferred.callback(limited)
+        self.assertEqual(len(h.sent("b")), 1)
+        for _ in range(3):  # round robin would have picked a for one of these
+            h.send(post(b"/v1/embeddings", b"{}"))
+        self.assertEqual((len(h.sent("a")), len(h.sent("b"))), (1, 4))
+        h.clock.advance(2)
+        for _ in range(2):
+            h.send(post(b"/v1/embeddings", b"{}"))
+        self.assertEqual(len(h.sent("a")), 2)
+
+    def test_429_passed_through_when_none_is_left(self) -> None:
+        """
+        With no other upstream to try, the 429 reaches the client with its headers; while the
+        only upstream cools down, requests get 503 with the time left, without trying it.
+        """
+        h = make_harness([upstream_config("a")])
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        headers = {b"retry-after-ms": [b"1500"], b"x-ratelimit-remaining-requests": [b"0"]}
+        limited = FakeResponse(429, headers, length=4)
+        h.sent("a")[0].deferred.callback(limited)
+        limited.deliver(b"slow")
+        limited.end()
+        status, got, body = parse_response(transport.value())
+        self.assertEqual((status, body), (429, b"slow"))
+        self.assertEqual(got[b"x-ratelimit-remaining-requests"], [b"0"])
+        h.clock.advance(1)
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        status, got, body = parse_response(transport.value())
+        self.assertEqual(status, 503)
+        self.assertEqual(got[b"retry-after"], [b"1"])
+        self.assertEqual(json.loads(body)["error"]["code"], "no_upstream_available")
+        self.assertEqual(len(h.sent("a")), 1)
+        h.clock.advance(0.5)
+        h.send(post(b"/v1/embeddings", b"{}"))
+        self.assertEqual(len(h.sent("a")), 2)
+
+    def test_503_with_others_cooling_passed_through(self) -> None:
+        """A 503 is passed through when the only other upstream is cooling down."""
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        h.send(post(b"/v1/embeddings", b"{}"))
+        h.sent("a")[0].deferred.callback(FakeResponse(429, {b"retry-after": [b"30"]}, length=0))
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))  # b, the only one left
+        busy = FakeResponse(503, {}, length=4)
+        h.sent("b")[1].deferred.callback(busy)
+        busy.deliver(b"busy")
+        busy.end()
+        self.assertEqual(parse_response(transport.value())[:1], (503,))
+        self.assertEqual(parse_response(transport.value())[2], b"busy")
 
     def test_all_refused_502(self) -> None:
         """Every upstream refused: 502 OpenAI-shaped JSON with Retry-After."""

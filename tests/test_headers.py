@@ -7,8 +7,10 @@ from twisted.web.http_headers import Headers
 
 from oaiproxy.errors import InvalidRequest
 from oaiproxy.http.headers import (
+    MAX_RETRY_AFTER,
     downstream_response_headers,
     is_valid_name,
+    retry_after,
     upstream_request_headers,
 )
 
@@ -124,3 +126,24 @@ class DownstreamResponseHeadersTests(SynchronousTestCase):
         self.assertEqual(
             [(n.lower(), v) for n, v in downstream_response_headers(upstream)], [(b"x-b", b"ok")]
         )
+
+
+class RetryAfterTests(SynchronousTestCase):
+    """How long an upstream asks to be left alone."""
+
+    def test_values(self) -> None:
+        """Seconds, OpenAI's milliseconds (preferred), an HTTP date; capped; else None."""
+        now = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+        date = b"Tue, 14 Nov 2023 22:13:50 GMT"
+        for headers, expected in (
+            ({b"retry-after": [b"7"]}, 7.0),
+            ({b"retry-after": [b"7"], b"retry-after-ms": [b"250"]}, 0.25),
+            ({b"retry-after": [date]}, 30.0),
+            ({b"retry-after": [b"86400"]}, MAX_RETRY_AFTER),
+            ({b"retry-after": [b"0"]}, None),
+            ({b"retry-after": [b"soon"]}, None),
+            ({b"retry-after-ms": [b"nan"]}, None),
+            ({b"retry-after": [b"Tue, 14 Nov 2023 22:00:00 GMT"]}, None),
+            ({}, None),
+        ):
+            self.assertEqual(retry_after(Headers(headers), now), expected, headers)

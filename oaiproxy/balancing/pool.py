@@ -30,13 +30,40 @@ class Upstream:
 
 
 class Pool:
-    """The upstreams of one route, balanced by smooth weighted round robin."""
+    """
+    The upstreams of one route, balanced by smooth weighted round robin; an upstream that
+    asked for time (C{Retry-After} on a 429 or 503) is left out until then.
+    """
 
     def __init__(self, config: PoolConfig, upstreams: list[Upstream]) -> None:
         self.name = config.name
         self.upstreams = upstreams
         self._balancer = SmoothWeightedRoundRobin([(u, u.config.weight) for u in upstreams])
+        # Upstream name -> the time (clock seconds) until which it is not picked.
+        self._cooling: dict[str, float] = {}
 
-    def pick(self, exclude: Container[str] = ()) -> Upstream | None:
-        """The next upstream whose name is not in C{exclude}, or C{None}."""
-        return self._balancer.pick(lambda u: u.name not in exclude)
+    def pick(self, exclude: Container[str] = (), now: float = 0.0) -> Upstream | None:
+        """
+        The next upstream whose name is not in C{exclude} and that is not cooling down at
+        C{now}, or C{None}.
+        """
+        cooling = self._cooling
+        if cooling:
+            for name in [n for n, until in cooling.items() if until <= now]:
+                del cooling[name]
+        return self._balancer.pick(lambda u: u.name not in exclude and u.name not in cooling)
+
+    def any_left(self, exclude: Container[str] = (), now: float = 0.0) -> bool:
+        """Whether L{pick} would find an upstream (without moving the balancer)."""
+        return any(
+            u.name not in exclude and self._cooling.get(u.name, now) <= now for u in self.upstreams
+        )
+
+    def cool_down(self, name: str, until: float) -> None:
+        """Leave upstream C{name} out of picks until C{until} (clock seconds)."""
+        self._cooling[name] = max(until, self._cooling.get(name, until))
+
+    def cooling_left(self, now: float) -> float | None:
+        """Seconds until the first cooling upstream is back, or C{None} if none cools."""
+        left = [until - now for until in self._cooling.values() if until > now]
+        return min(left) if left else None

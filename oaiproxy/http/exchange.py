@@ -8,6 +8,7 @@ headers (cancelling the Agent's Deferred), or the body (stopping its transport).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
@@ -30,6 +31,7 @@ from oaiproxy.errors import (
     UpstreamTimeout,
 )
 from oaiproxy.http.forwarder import Forwarder, map_failure
+from oaiproxy.http.headers import retry_after
 from oaiproxy.http.relay import Relay
 
 __all__ = ["Exchange"]
@@ -37,8 +39,12 @@ __all__ = ["Exchange"]
 log = Logger()
 
 #: Statuses after which another upstream is tried, if nothing was sent downstream yet: every
-#: 5xx (shared/BAD-INPUTS.md). A 4xx is the client's own mistake and is passed through.
-FAILOVER_STATUSES = frozenset(range(500, 600))
+#: 5xx, and 429 (that upstream is rate limited, another may not be; shared/BAD-INPUTS.md).
+#: Other 4xx are the client's own mistakes and are passed through.
+FAILOVER_STATUSES = frozenset({429, *range(500, 600)})
+
+#: Statuses whose C{Retry-After} leaves their upstream out of picks for that long.
+COOLDOWN_STATUSES = frozenset({429, 503})
 
 
 class _Discard(Protocol):
@@ -100,11 +106,10 @@ class Exchange:
     # -- attempts ------------------------------------------------------------------------
 
     def _attempt(self) -> None:
-        upstream = self._pool.pick(exclude=self._tried)
+        now = self._clock.seconds()
+        upstream = self._pool.pick(exclude=self._tried, now=now)
         if upstream is None:
-            self._give_up(
-                self._last_error or NoUpstreamAvailable("no upstream is available", retry_after=1)
-            )
+            self._give_up(self._last_error or self._none_available(now))
             return
         self._tried.append(upstream.name)
         self._upstream = upstream
@@ -118,6 +123,17 @@ class Exchange:
         if first_byte is not None:
             self._first_byte_call = self._clock.callLater(first_byte, self._first_byte_expired)
         d.addCallbacks(self._got_response, self._attempt_failed)
+
+    def _none_available(self, now: float) -> ProxyError:
+        """The answer when no upstream may be tried: every one is cooling down."""
+        left = self._pool.cooling_left(now)
+        wait = 1 if left is None else max(1, math.ceil(left))
+        return NoUpstreamAvailable(
+            "no upstream is available: every one asked for time (Retry-After)"
+            if left is not None
+            else "no upstream is available",
+            retry_after=wait,
+        )
 
     def _can_retry(self) -> bool:
         return len(self._tried) < min(self._limits.max_attempts, len(self._pool.upstreams))
@@ -150,7 +166,24 @@ class Exchange:
         if self.done:
             response.deliverBody(_Discard())
             return
-        if response.code in FAILOVER_STATUSES and self._can_retry():
+        now = self._clock.seconds()
+        if response.code in COOLDOWN_STATUSES and self._upstream is not None:
+            wait = retry_after(response.headers, now)
+            if wait is not None:
+                self._pool.cool_down(self._upstream.name, now + wait)
+                log.info(
+                    "upstream {upstream} answered {status}: left out for {wait:g}s",
+                    upstream=self._upstream.name,
+                    status=response.code,
+                    wait=wait,
+                )
+        if (
+            response.code in FAILOVER_STATUSES
+            and self._can_retry()
+            and self._pool.any_left(self._tried, now)
+        ):
+            # Otherwise this answer is passed through: the upstream's own status, body and
+            # headers (Retry-After, x-ratelimit-*) say more than a proxy error would.
             self._record(str(response.code))
             self._cancel_first_byte()
             response.deliverBody(_Discard())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from email.utils import parsedate_to_datetime
 
 from twisted.web.http_headers import Headers, _nameEncoder
 
@@ -23,6 +24,7 @@ __all__ = [
     "is_valid_name",
     "is_valid_reason",
     "is_valid_value",
+    "retry_after",
     "set_checked",
     "upstream_request_headers",
 ]
@@ -87,6 +89,37 @@ def add_checked(headers: Headers, name: bytes, value: bytes) -> None:
 def set_checked(headers: Headers, name: bytes, value: bytes) -> None:
     """C{headers.setRawHeaders(name, [value])}, as L{add_checked} is to C{addRawHeader}."""
     headers._rawHeaders[_nameEncoder.encode(name)] = [value]
+
+
+#: The longest an upstream is left out for its C{Retry-After} (a buggy or hostile value could
+#: otherwise take it out of service for days).
+MAX_RETRY_AFTER = 300.0
+
+
+def retry_after(headers: Headers, now: float) -> float | None:
+    """
+    The seconds an upstream asks to be left alone for, from C{retry-after-ms} (OpenAI's) or
+    C{Retry-After} (seconds or an HTTP date, RFC 9110 10.2.3), at most L{MAX_RETRY_AFTER};
+    C{None} when it asks for none (or for nothing valid).
+
+    @param now: the current time, in seconds since the epoch, for an HTTP date.
+    """
+    seconds: float | None = None
+    millis = headers.getRawHeaders(b"retry-after-ms")
+    value = headers.getRawHeaders(b"retry-after")
+    try:
+        if millis:
+            seconds = float(millis[0]) / 1000
+        elif value and value[0].strip().isdigit():
+            seconds = float(value[0])
+        elif value:
+            when = parsedate_to_datetime(value[0].decode("latin-1"))
+            seconds = when.timestamp() - now
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return None
+    if seconds is None or not seconds > 0:  # NaN included
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
 
 
 def connection_named(headers: Headers) -> frozenset[bytes]:
