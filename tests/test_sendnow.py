@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from oaiproxy.http.sendnow import sender
+from oaiproxy.http.sendnow import sender, writer
 from oaiproxy.tls import ensure_self_signed, server_context_factory, upstream_tls_options
 
 reactor: Any = _reactor
@@ -68,7 +68,7 @@ class _Producer:
         pass
 
 
-class SendNowTests(TestCase):
+class _Loopback(TestCase):
     @inlineCallbacks
     def connected(self, tls: bool = False) -> Any:
         """
@@ -96,6 +96,8 @@ class SendNowTests(TestCase):
             yield ours.wait_for(2)
         return ours.transport, peer
 
+
+class SendNowTests(_Loopback):
     @inlineCallbacks
     def test_sent_before_the_reactor_turns(self) -> Any:
         """What was written leaves the transport's buffer in the call itself, and arrives."""
@@ -227,3 +229,82 @@ class SendNowTests(TestCase):
         send()
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         yield peer.lost
+
+
+class WriteNowTests(_Loopback):
+    """Writing straight to the socket when nothing is buffered."""
+
+    @inlineCallbacks
+    def test_written_without_registering(self) -> Any:
+        """
+        With nothing buffered, the bytes go to the socket in the call, and the socket is
+        never registered for writing (Twisted's write would register it, and its send
+        unregister it: two epoll_ctl).
+        """
+        transport, peer = yield self.connected()
+        write = writer(transport)
+        assert write is not None
+        registered: list[object] = []
+        self.patch(reactor, "addWriter", registered.append)
+        write(b"hello")
+        self.assertEqual(
+            (registered, transport.dataBuffer, transport._tempDataBuffer), ([], b"", [])
+        )
+        data = yield peer.wait_for(5)
+        self.assertEqual(data, b"hello")
+
+    @inlineCallbacks
+    def test_order_kept_behind_a_buffer(self) -> Any:
+        """Bytes already buffered go first: the new ones are buffered behind them."""
+        transport, peer = yield self.connected()
+        write = writer(transport)
+        assert write is not None
+        transport.write(b"first ")
+        write(b"second")
+        self.assertEqual(transport._tempDataBuffer, [b"first ", b"second"])
+        data = yield peer.wait_for(12)
+        self.assertEqual(data, b"first second")
+
+    @inlineCallbacks
+    def test_rest_buffered_when_the_socket_is_full(self) -> Any:
+        """
+        What the socket does not take is buffered (and the producer paused above Twisted's
+        buffer size), then arrives whole and in order.
+        """
+        transport, peer = yield self.connected()
+        peer.transport.pauseProducing()  # the peer stops reading
+        producer = _Producer()
+        paused: list[bool] = []
+        producer.pauseProducing = lambda: paused.append(True)  # type: ignore[method-assign]
+        transport.registerProducer(producer, True)
+        write = writer(transport)
+        assert write is not None
+        big = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than loopback buffers hold
+        write(big)
+        self.assertTrue(transport.dataBuffer or transport._tempDataBuffer)
+        self.assertEqual(paused, [True])
+        write(b"tail")  # behind the buffered rest
+        peer.transport.resumeProducing()
+        data = yield peer.wait_for(len(big) + 4)
+        self.assertEqual(data, big + b"tail")
+        transport.unregisterProducer()
+
+    @inlineCallbacks
+    def test_closing_connection_left_to_twisted(self) -> Any:
+        """
+        A connection being closed gets the bytes through Twisted's write, as any write:
+        buffered, sent, then the connection closed.
+        """
+        transport, peer = yield self.connected()
+        transport.loseConnection()
+        write = writer(transport)
+        assert write is not None
+        write(b"last")
+        self.assertEqual(transport._tempDataBuffer, [b"last"])
+        yield peer.lost
+        self.assertEqual(peer.data, b"last")
+
+    def test_other_transports_written_by_twisted(self) -> None:
+        """Only plain TCP connections are written straight; TLS and in-memory are not."""
+        self.assertIsNone(writer(StringTransport()))
+        self.assertIsNone(writer(None))

@@ -34,7 +34,7 @@ from oaiproxy.http.headers import (
     is_valid_reason,
     set_checked,
 )
-from oaiproxy.http.sendnow import sender
+from oaiproxy.http.sendnow import sender, writer
 from oaiproxy.http.stall import StallWatch
 
 __all__ = ["Relay", "abort_downstream", "downstream_backlog"]
@@ -133,6 +133,9 @@ class Relay(Protocol):
         # An HTTP/1.1 client connection (plain or TLS): what is relayed is sent at once.
         transport = None if self._coalesce else getattr(request.channel, "transport", None)
         self._send_now = sender(transport)
+        # A plain TCP client: once the head is out, each chunk of a chunked body goes straight
+        # to the socket (see _write_chunk).
+        self._write_now = writer(transport)
 
     def start(self) -> None:
         """Ask the response for its body; bytes flow from the next reactor turn on."""
@@ -278,9 +281,32 @@ class Relay(Protocol):
         if not self.committed:
             self._commit()
         self.bytes_relayed += len(data)
+        if self._write_now is not None and self._request.startedWriting:
+            self._write_chunk(data)
+            return
         self._request.write(data)
         if self._send_now is not None:
             self._send_now()
+
+    def _write_chunk(self, data: bytes) -> None:
+        """
+        C{Request.write} of a body chunk once the head has been written, framed as it frames
+        one, straight to the socket. Twisted's path (the request, the channel, the transport's
+        sequence write, then the send) cost about a third of the proxy's CPU per relayed
+        event, and two C{epoll_ctl} calls. Twisted 26.10.0: C{chunked}, C{sentLength},
+        C{_disconnected} are the request's (public but undocumented) attributes.
+        """
+        request: Any = self._request
+        if request.finished or request._disconnected or "write" in vars(request):
+            # Finished, or the client gone (Twisted's write would raise, or do nothing), or a
+            # response without a body (HEAD, 204, 304: Twisted swaps in a write that drops).
+            return
+        request.sentLength += len(data)
+        assert self._write_now is not None
+        if request.chunked:
+            self._write_now(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self._write_now(data)
 
     def _complete(self) -> None:
         if not self.committed:

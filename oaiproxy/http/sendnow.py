@@ -26,7 +26,7 @@ from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport
 
-__all__ = ["sender"]
+__all__ = ["sender", "writer"]
 
 
 def sender(transport: Any) -> Callable[[], None] | None:
@@ -44,6 +44,40 @@ def sender(transport: Any) -> Callable[[], None] | None:
         if isinstance(below, tcp.Connection) and not below.TLS:
             return partial(_send_tls, transport, below)
     return None
+
+
+def writer(transport: Any) -> Callable[[bytes], None] | None:
+    """
+    A function that writes bytes to C{transport} and sends them at once: straight to the
+    socket when nothing is buffered before them (Twisted's C{write} would register the
+    socket for writing, and its C{doWrite} unregister it once sent: two C{epoll_ctl} per
+    write); what the socket does not take is buffered by Twisted as usual. For a plain TCP
+    connection only; C{None} for any other transport.
+    """
+    if isinstance(transport, tcp.Connection) and not transport.TLS:
+        return partial(_write, transport)
+    return None
+
+
+def _write(connection: tcp.Connection, data: bytes) -> None:
+    if (
+        connection.connected
+        and not connection.disconnecting
+        and not connection._writeDisconnecting
+        and not connection.dataBuffer
+        and not connection._tempDataBuffer
+        and id(connection) not in _sending
+    ):
+        try:
+            sent = connection.socket.send(data)
+        except OSError:
+            # Would block, or the connection is broken: buffer it, and let the reactor send
+            # it or find the error, as for any write.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    connection.write(data)
 
 
 log = Logger()
