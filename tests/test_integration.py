@@ -8,6 +8,7 @@ closes its connections before its thread returns.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -204,6 +205,31 @@ class OpenAISDKTests(TestCase):
                 return list(stream)
 
         _check_stream(self, await _in_thread(call))
+
+    async def test_paced_stream_byte_for_byte_http11(self) -> None:
+        """
+        Events arriving one by one (10 ms apart, so each is relayed on its own, straight to
+        the client's socket) reach an HTTP/1.1 client exactly as the upstream wrote them.
+        """
+
+        def call() -> bytes:
+            with _http1() as http:
+                response = http.post(
+                    f"{self.proxy.http_url}/v1/chat/completions",
+                    content=_STREAM_CHAT,
+                    headers={
+                        "content-type": "application/json",
+                        "x-mock-chunks": "12",
+                        "x-mock-delay-ms": "10",
+                    },
+                )
+                return response.content
+
+        body = await _in_thread(call)
+        (seen,) = self.mock.requests
+        self.assertEqual(body.count(b"data: "), 14)  # 12 pieces, the finish, [DONE]
+        self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
+        self.assertEqual(hashlib.sha256(body).hexdigest(), seen.digest.hexdigest())
 
     async def test_chat_completion_http2(self) -> None:
         """A non-streamed chat completion over HTTP/2 with TLS: really h2, same answer."""
