@@ -6,8 +6,12 @@ Twisted's HTTP/2 server with the gaps a streaming proxy falls into closed.
 
 Written against Twisted 26.10.0 (and h2 4.4.1). It subclasses the private
 L{twisted.web._http2.H2Connection} and L{twisted.web.http._GenericHTTPChannelProtocol} and
-overrides private methods of the first, so re-read those two classes (and re-run
-C{tests.test_h2fix}) whenever Twisted is upgraded.
+overrides private methods of the first (C{_requestReceived}, C{_requestDataReceived},
+C{_requestEnded}, C{_requestAborted}, C{_requestDone}, C{_handlePriorityUpdate},
+C{_handleWindowUpdate}, C{_sendPrioritisedData}) and uses its private state (the stream
+queues, the priority tree, the Rapid Reset token bucket C{_resetTokens}), so re-read those two
+classes (and re-run C{tests.test_h2fix} and C{tests.test_h2_hardening}) whenever Twisted is
+upgraded.
 
 What changes compared with Twisted's own classes:
 
@@ -36,6 +40,10 @@ What changes compared with Twisted's own classes:
  - B{PRIORITY only for open streams.} Twisted inserts a never-removed node in its priority
    tree for a PRIORITY frame on any idle or closed stream; past 1,000 the C{priority} library
    raises out of C{dataReceived}. Here such frames are ignored.
+ - B{Requests answered on their own stream.} Some requests are answered here with an
+   OpenAI-shaped JSON error on their stream alone (L{_refuse}), never reaching the resource:
+   C{CONNECT} (no C{:path}; Twisted's request crashed on it, dropping the connection and every
+   stream on it) gets 405.
  - B{Injected reactor.} Twisted's ALPN switch builds C{H2Connection()}, which takes the global
    reactor; L{ProxySite} and L{ProxyHTTPChannelSwitch} pass theirs down.
 """
@@ -43,7 +51,7 @@ What changes compared with Twisted's own classes:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import Any, Final, cast
 
@@ -65,7 +73,9 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 from typing_extensions import override
 
+from oaiproxy.errors import MethodNotAllowed, ProxyError
 from oaiproxy.http.capacity import ConnectionLimit, Refusal
+from oaiproxy.http.early import early_error_h2, request_id_for
 from oaiproxy.http.h1 import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_HEADER_BYTES,
@@ -181,8 +191,81 @@ class ProxyH2Connection(H2Connection):
 
     @override
     def _requestReceived(self, event: h2.events.RequestReceived) -> None:
+        """Start a request, unless this proxy answers it here (L{_refusal_for})."""
+        error = self._refusal_for(event.headers)
+        if error is not None:
+            self._refuse(event.stream_id, error, event.headers)
+            return
         super()._requestReceived(event)
         self._queued_bytes[event.stream_id] = 0
+
+    def _refusal_for(self, headers: list[tuple[bytes, bytes]]) -> ProxyError | None:
+        """
+        The error a request head gets here, before Twisted's request is made, if any.
+
+        C{CONNECT} (a tunnel: C{:authority} and no C{:path}, which h2 accepts) is refused:
+        Twisted's request would crash on the missing path, taking the connection down.
+        """
+        method = _header(headers, b":method")
+        if method == b"CONNECT" or _header(headers, b":path") is None:
+            return MethodNotAllowed(
+                f"{(method or b'?').decode('latin-1')} is not supported: this is not a "
+                "forward proxy"
+            )
+        return None
+
+    def _refuse(
+        self, stream_id: int, error: ProxyError, headers: Iterable[tuple[bytes, bytes]]
+    ) -> None:
+        """
+        Answer one stream with C{error} and forget it; the connection and its other streams
+        carry on. Nothing of the stream's request reaches the resource (a Twisted request
+        already made for it is told its client went away).
+        """
+        request_id = request_id_for(_header(headers, b"x-request-id"))
+        self._log.info(
+            "{status} {code} for HTTP/2 stream {stream} from {client} ({request_id}): {message}",
+            status=error.status,
+            code=error.code,
+            stream=stream_id,
+            client=self._peer_host(),
+            request_id=request_id.decode("ascii"),
+            message=error.message,
+        )
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.connectionLost(Failure(ConnectionLost(error.message)))
+            self._requestDone(stream_id)
+        self._answer(stream_id, error, request_id)
+        self._tryToWriteControlData()
+
+    def _answer(self, stream_id: int, error: ProxyError, request_id: bytes) -> None:
+        """
+        Send C{error} on a stream at once, then RST_STREAM(NO_ERROR) if the client has not
+        finished sending its request: RFC 9113 section 8.1 lets a server answer before the
+        request is complete and so ask the client to stop sending it.
+
+        The answer bypasses the priority queue (no response of the stream is under way). If
+        the client's window is too small for it, the stream is only reset (CANCEL): waiting
+        for the window would hold the stream open for the client.
+        """
+        h2_stream = self.conn.streams.get(stream_id)
+        if h2_stream is None or h2_stream.closed:
+            return
+        head, body = early_error_h2(error, request_id)
+        if self._window(stream_id) < len(body):
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            return
+        self.conn.send_headers(stream_id, head)
+        self.conn.send_data(stream_id, body, end_stream=True)
+        if not h2_stream.closed:
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+    def _peer_host(self) -> str:
+        """The client's address for log events."""
+        transport: Any = self.transport
+        peer = transport.getPeer() if transport is not None else None
+        return str(getattr(peer, "host", "?"))
 
     @property
     def _closed(self) -> bool:
@@ -211,6 +294,12 @@ class ProxyH2Connection(H2Connection):
         moves no request forward (CVE-2019-9518). Past L{MAX_EMPTY_DATA_FRAMES} on one
         connection it is closed with GOAWAY ENHANCE_YOUR_CALM.
         """
+        if event.stream_id not in self.streams:
+            # A stream answered here, or reset by the client in the same read: its DATA
+            # still counts against the connection window (h2 closed the stream, so this
+            # acknowledges the connection only).
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
         if not event.data and event.stream_ended is None:
             self._empty_data_frames += 1
             if self._empty_data_frames > MAX_EMPTY_DATA_FRAMES:
@@ -230,9 +319,36 @@ class ProxyH2Connection(H2Connection):
 
     @override
     def _requestEnded(self, event: h2.events.StreamEnded) -> None:
-        if event.stream_id in self.streams:
-            self._request_complete.add(event.stream_id)
+        if event.stream_id not in self.streams:
+            return  # answered here (see _refuse)
+        self._request_complete.add(event.stream_id)
         super()._requestEnded(event)
+
+    @override
+    def _requestAborted(self, event: h2.events.StreamReset) -> None:
+        """A client's RST_STREAM; one for a stream answered here still counts as a reset."""
+        if event.stream_id in self.streams:
+            super()._requestAborted(event)
+        else:
+            self._spend_reset_token()
+
+    def _spend_reset_token(self) -> None:
+        """
+        Twisted's token bucket against Rapid Reset (CVE-2023-44487), for a reset of a stream
+        Twisted does not know (its own C{_requestAborted} needs the stream): refill for the
+        time elapsed, spend one token, and close the connection with GOAWAY
+        ENHANCE_YOUR_CALM when none is left.
+        """
+        now = self._reactor.seconds()
+        elapsed = max(0.0, now - self._resetTokenTimestamp)
+        self._resetTokens = min(
+            self._resetTokenBurst, self._resetTokens + elapsed * self._resetTokenRate
+        )
+        self._resetTokenTimestamp = now
+        if self._resetTokens < 1:
+            self._calm_down("too many stream resets")
+        else:
+            self._resetTokens -= 1
 
     @override
     def _handleWindowUpdate(self, event: h2.events.WindowUpdated) -> None:
@@ -491,6 +607,14 @@ class ProxyH2Connection(H2Connection):
         if self._sendingDeferred is not None:
             sending, self._sendingDeferred = self._sendingDeferred, None
             sending.callback(None)
+
+
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of a (lower-case) header C{name} in an h2 header list, if any."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):

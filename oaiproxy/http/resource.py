@@ -29,7 +29,7 @@ from oaiproxy.errors import (
     NotFound,
     ProxyError,
 )
-from oaiproxy.http.early import early_error_response, new_request_id
+from oaiproxy.http.early import early_error_response, request_id_for
 from oaiproxy.http.exchange import Exchange
 from oaiproxy.http.forwarder import Forwarder
 from oaiproxy.http.headers import is_valid_value
@@ -38,7 +38,6 @@ __all__ = ["ProxyRequest", "ProxyResource", "request_factory", "write_error"]
 
 log = Logger()
 
-_REQUEST_ID_MAX = 200
 # Printable ASCII without space: what a request target may hold once written as HTTP/1.1.
 _TARGET_OK = bytes(range(0x21, 0x7F))
 
@@ -181,7 +180,7 @@ class ProxyRequest(server.Request):
         transport = getattr(channel, "transport", None)
         if transport is not None and hasattr(channel, "_networkProducer"):
             # HTTP/1.1: answer now and close, rather than read a body we will not use.
-            error = _too_large_error(self.max_body_bytes)
+            error = BodyTooLarge.over(self.max_body_bytes)
             transport.write(early_error_response(error, _request_id(self)))
             transport.loseConnection()
             self.answered_early = True
@@ -192,20 +191,13 @@ def request_factory(max_body_bytes: int) -> type[ProxyRequest]:
     return type("ProxyRequest", (ProxyRequest,), {"max_body_bytes": max_body_bytes})
 
 
-def _too_large_error(cap: int) -> BodyTooLarge:
-    return BodyTooLarge(f"request body is larger than the limit of {cap} bytes")
-
-
 def _request_id(request: server.Request) -> bytes:
     """The client's C{x-request-id} if it is sane, else a new one (stored for reuse)."""
     existing: bytes | None = getattr(request, "_oaiproxy_request_id", None)
     if existing is not None:
         return existing
     given = request.requestHeaders.getRawHeaders(b"x-request-id")
-    if given and 0 < len(given[0]) <= _REQUEST_ID_MAX and _printable(given[0]):
-        request_id = given[0]
-    else:
-        request_id = new_request_id()
+    request_id = request_id_for(given[0] if given else None)
     request._oaiproxy_request_id = request_id  # type: ignore[attr-defined]
     return request_id
 
@@ -313,7 +305,7 @@ class ProxyResource(Resource):
         if getattr(request, "answered_early", False):
             return server.NOT_DONE_YET  # the connection is closing after its 413
         if getattr(request, "body_too_large", False):
-            raise _too_large_error(self._limits.max_body_bytes)
+            raise BodyTooLarge.over(self._limits.max_body_bytes)
         path = request.path
         if not path.startswith(b"/") or not _printable(request.uri):
             raise InvalidRequest("invalid request target")
