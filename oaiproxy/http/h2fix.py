@@ -7,7 +7,7 @@ Twisted's HTTP/2 server with the gaps a streaming proxy falls into closed.
 Written against Twisted 26.10.0 (and h2 4.4.1). It subclasses the private
 L{twisted.web._http2.H2Connection} and L{twisted.web.http._GenericHTTPChannelProtocol} and
 overrides private methods of the first (C{_requestReceived}, C{_requestDataReceived},
-C{_requestEnded}, C{_requestAborted}, C{_requestDone}, C{_handlePriorityUpdate},
+C{_requestEnded}, C{_requestAborted}, C{_requestDone}, C{_terminate}, C{_handlePriorityUpdate},
 C{_handleWindowUpdate}, C{_sendPrioritisedData}) and uses its private state (the stream
 queues, the priority tree, the Rapid Reset token bucket C{_resetTokens}), so re-read those two
 classes (and re-run C{tests.test_h2fix} and C{tests.test_h2_hardening}) whenever Twisted is
@@ -33,6 +33,11 @@ What changes compared with Twisted's own classes:
  - B{A send deadline for finished responses.} Once a response is complete its relay is gone;
    bytes of it that the client takes none of for the send deadline get the stream reset
    (L{_tail_stalled}), even while the client keeps the connection busy with other frames.
+ - B{Closed after a GOAWAY.} After a GOAWAY for an error (or the idle timeout) the
+   connection is closed as soon as the GOAWAY is written (RFC 9113 section 5.4.1), and its
+   streams are cancelled at once; a client that does not read is aborted after
+   C{abortTimeout}. Twisted's stayed the transport's producer, which keeps a TLS connection
+   open: it lingered until the idle timeout plus C{abortTimeout}.
  - B{Nothing read into a dead connection.} After a GOAWAY, bytes that still arrive are
    dropped instead of being appended to h2's frame buffer (a flood would sit there).
  - B{No empty-frame floods.} More than 100 DATA frames that carry nothing and end nothing
@@ -318,6 +323,38 @@ class ProxyH2Connection(H2Connection):
         self._terminate(Failure(ConnectionLost(why)))
 
     @override
+    def _terminate(self, reason: Failure) -> None:
+        """
+        End the connection after a GOAWAY (sent, or queued in h2 by a protocol error): write
+        it and whatever control frames are held back, then really close (RFC 9113 section
+        5.4.1), giving up after C{abortTimeout} on a client that does not read.
+
+        Twisted's own (C{_tryToWriteControlData}, C{loseConnection}) stays the transport's
+        producer, and a TLS transport closes only once its producer is gone (TCP's resumes a
+        paused producer instead of closing): the connection was held until the idle timeout
+        plus C{abortTimeout}. It also held the GOAWAY back while the transport was paused.
+        """
+        transport = self.transport
+        assert transport is not None
+        held = [*self._bufferedControlFrames, self.conn.data_to_send()]
+        self._bufferedControlFrames.clear()
+        self._bufferedControlFrameBytes = 0
+        transport.write(b"".join(held))
+        self._close_transport()
+        self.connectionLost(reason, _cancelTimeouts=False)
+        if self._abortingCall is None and self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    def _close_transport(self) -> None:
+        """Close the transport once what was written is sent (see L{_terminate})."""
+        transport: Any = self.transport
+        # The channel switch registers this connection as the transport's producer (a test
+        # transport may have none: it would refuse to unregister nothing).
+        if getattr(transport, "producer", self) is not None:
+            transport.unregisterProducer()
+        transport.loseConnection()
+
+    @override
     def _requestEnded(self, event: h2.events.StreamEnded) -> None:
         if event.stream_id not in self.streams:
             return  # answered here (see _refuse)
@@ -535,6 +572,10 @@ class ProxyH2Connection(H2Connection):
             self.setTimeout(self.timeOut)
             return
         super().timeoutConnection()
+        # Twisted's sends GOAWAY but keeps the streams, whose responses would then be
+        # written into a closed connection, and stays the transport's producer.
+        self._close_transport()
+        self.connectionLost(Failure(ConnectionLost("idle timeout")), _cancelTimeouts=False)
 
     # Helpers.
 
