@@ -15,12 +15,13 @@ import json
 import h2.errors
 import h2.settings
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 
 from oaiproxy.http.h2fix import MAX_EMPTY_DATA_FRAMES, ProxyH2Connection
 from tests.support.fakes import FakeResponse
 from tests.support.h2client import H2Client
-from tests.test_h2_relay import H2ProxyTestCase
+from tests.test_h2_relay import JSON_HEADERS, H2ProxyTestCase
 
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
 _PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
@@ -176,3 +177,144 @@ class CloseAfterGoawayTests(_Hardening):
         self.assertNotIn(stream, client.ended)
         # The upstream response was let go of (its transport stopped).
         self.assertTrue(response.socket.stopped)
+
+
+class MalformedStreamTests(_Hardening):
+    """
+    A malformed request (RFC 9113 section 8.1.1) gets RST_STREAM(PROTOCOL_ERROR) on its own
+    stream, is logged once, and never reaches the upstream; the connection carries on.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        # Annotated for unittest.TestCase; trial cases work.
+        self.log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
+
+    def send_raw_head(
+        self, client: H2Client, head: list[tuple[bytes, bytes]], end_stream: bool = True
+    ) -> int:
+        """Send a request head as is: the client's own checks are off for it."""
+        stream: int = client.h2.get_next_available_stream_id()
+        config = client.h2.config
+        config.validate_outbound_headers = config.normalize_outbound_headers = False
+        try:
+            client.h2.send_headers(stream, head, end_stream=end_stream)
+        finally:
+            config.validate_outbound_headers = config.normalize_outbound_headers = True
+        client.send()
+        return stream
+
+    def assert_rejected(self, client: H2Client, stream: int) -> None:
+        """The stream was reset with PROTOCOL_ERROR, logged once, and nothing went upstream."""
+        self.turn()
+        client.receive()
+        self.assertEqual(client.reset_codes.get(stream), _PROTOCOL_ERROR)
+        self.assertNotIn(stream, client.headers)
+        self.assertEqual(self.h.sent(), [])
+        rejections = [e for e in self.log if e.get("stream") == stream]
+        self.assertEqual(len(rejections), 1)
+        self.assertEqual(rejections[0]["log_level"], LogLevel.info)
+        self.assertEqual(rejections[0]["error_code"], "PROTOCOL_ERROR")
+        self.assertTrue(rejections[0]["reason"])
+        self.assert_still_serves(client)
+
+    def post_head(self, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+        return [
+            (b":method", b"POST"),
+            (b":path", b"/v1/embeddings"),
+            (b":scheme", b"https"),
+            (b":authority", b"proxy.test"),
+            *extra,
+        ]
+
+    def test_body_longer_than_content_length(self) -> None:
+        """H2.CL: content-length 10 and 20 bytes of DATA."""
+        _, _, client = self.connect()
+        stream = self.send_raw_head(client, self.post_head((b"content-length", b"10")), False)
+        client.h2.send_data(stream, b"x" * 20, end_stream=True)
+        client.send()
+        self.assert_rejected(client, stream)
+
+    def test_body_shorter_than_content_length(self) -> None:
+        """content-length 100 and 5 bytes of DATA, then END_STREAM."""
+        _, _, client = self.connect()
+        stream = self.send_raw_head(client, self.post_head((b"content-length", b"100")), False)
+        client.h2.send_data(stream, b"x" * 5, end_stream=True)
+        client.send()
+        self.assert_rejected(client, stream)
+
+    def test_content_length_without_body(self) -> None:
+        """content-length 5 on HEADERS that carry END_STREAM."""
+        _, _, client = self.connect()
+        stream = self.send_raw_head(client, self.post_head((b"content-length", b"5")))
+        self.assert_rejected(client, stream)
+
+    def test_connection_specific_headers(self) -> None:
+        """connection, transfer-encoding, upgrade, keep-alive and te other than trailers."""
+        for field in [
+            (b"connection", b"keep-alive"),
+            (b"transfer-encoding", b"chunked"),
+            (b"upgrade", b"websocket"),
+            (b"keep-alive", b"timeout=5"),
+            (b"te", b"gzip"),
+        ]:
+            with self.subTest(field=field):
+                self.setUp()
+                _, _, client = self.connect()
+                stream = self.send_raw_head(client, self.post_head(field))
+                self.assert_rejected(client, stream)
+
+    def test_duplicate_and_missing_pseudo_headers(self) -> None:
+        """A second :path; no :method; an upper-case field name."""
+        for head in [
+            [*self.post_head(), (b":path", b"/v1/other")],
+            self.post_head()[1:],
+            self.post_head((b"X-Upper", b"1")),
+        ]:
+            with self.subTest(head=head):
+                self.setUp()
+                _, _, client = self.connect()
+                stream = self.send_raw_head(client, head)
+                self.assert_rejected(client, stream)
+
+    def test_hpack_state_kept(self) -> None:
+        """A rejected head's HPACK entries are decoded: a later head that refers to them works."""
+        _, _, client = self.connect()
+        marker = (b"x-marker", b"kept-in-the-table")
+        stream = self.send_raw_head(client, self.post_head(marker, (b"connection", b"close")))
+        self.turn()
+        client.receive()
+        self.assertEqual(client.reset_codes.get(stream), _PROTOCOL_ERROR)
+        later = client.request(b"GET", path=b"/v1/models", headers=[marker])
+        self.turn()
+        (sent,) = self.h.sent()
+        self.assertEqual(sent.headers.getRawHeaders(b"x-marker"), [marker[1]])
+        self.answer(client, 0, later)
+        self.assertEqual(client.terminated, [])
+
+    def test_stream_under_way_is_cancelled(self) -> None:
+        """Trailers without END_STREAM on a stream already in the app: reset, not forwarded."""
+        connection, _, client = self.connect()
+        stream = self.send_raw_head(client, self.post_head(*JSON_HEADERS), end_stream=False)
+        client.h2.send_data(stream, b"{}")
+        client.send()
+        self.assertIn(stream, connection.streams)
+        trailers = HeadersFrame(stream)
+        trailers.flags.add("END_HEADERS")
+        trailers.data = client.h2.encoder.encode([(b"x-trailer", b"1")])
+        connection.dataReceived(trailers.serialize())
+        self.assertNotIn(stream, connection.streams)
+        self.assert_rejected(client, stream)
+
+    def test_undecodable_header_block_still_ends_connection(self) -> None:
+        """An HPACK error is a connection error (the shared table is lost): GOAWAY, logged."""
+        connection, transport, client = self.connect()
+        headers = HeadersFrame(1)
+        headers.flags.add("END_HEADERS")
+        headers.data = b"\xff\xff\xff\xff\xff"
+        connection.dataReceived(headers.serialize())
+        client.receive()
+        self.assertEqual(len(client.terminated), 1)
+        self.assertTrue(transport.disconnecting)
+        closing = [e for e in self.log if "closing an HTTP/2 connection" in e["log_format"]]
+        self.assertEqual(len(closing), 1)

@@ -6,7 +6,8 @@ Twisted's HTTP/2 server with the gaps a streaming proxy falls into closed.
 
 Written against Twisted 26.10.0 (and h2 4.4.1). It subclasses the private
 L{twisted.web._http2.H2Connection} and L{twisted.web.http._GenericHTTPChannelProtocol} and
-overrides private methods of the first (C{_requestReceived}, C{_requestDataReceived},
+overrides the public C{dataReceived} of the first (replacing its event loop) and private
+methods (C{_requestReceived}, C{_requestDataReceived},
 C{_requestEnded}, C{_requestAborted}, C{_requestDone}, C{_terminate}, C{_handlePriorityUpdate},
 C{_handleWindowUpdate}, C{_sendPrioritisedData}) and uses its private state (the stream
 queues, the priority tree, the Rapid Reset token bucket C{_resetTokens}), so re-read those two
@@ -49,6 +50,10 @@ What changes compared with Twisted's own classes:
    OpenAI-shaped JSON error on their stream alone (L{_refuse}), never reaching the resource:
    C{CONNECT} (no C{:path}; Twisted's request crashed on it, dropping the connection and every
    stream on it) gets 405.
+ - B{One bad stream, one stream error.} A malformed request (see L{h2streams}) gets
+   RST_STREAM(PROTOCOL_ERROR) on its stream alone, and an excess one REFUSED_STREAM; each is
+   logged (info, with the stream id and the reason), as is every protocol error that ends a
+   connection. Twisted logged none of them.
  - B{Injected reactor.} Twisted's ALPN switch builds C{H2Connection()}, which takes the global
    reactor; L{ProxySite} and L{ProxyHTTPChannelSwitch} pass theirs down.
 """
@@ -87,7 +92,7 @@ from oaiproxy.http.h1 import (
     DEFAULT_MAX_HEADERS,
     ProxyHTTPChannel,
 )
-from oaiproxy.http.h2streams import RefusingH2Connection
+from oaiproxy.http.h2streams import RefusingH2Connection, StreamRejected
 from oaiproxy.http.stall import StallWatch
 
 __all__ = [
@@ -164,8 +169,9 @@ class ProxyH2Connection(H2Connection):
         self._request_complete: set[int] = set()
         self._empty_data_frames = 0
         super().__init__(reactor)
-        # Twisted's own state machine, but refusing streams over the limit one by one
-        # (REFUSED_STREAM) instead of failing the whole connection: see h2streams.
+        # Twisted's own state machine, but resetting excess (REFUSED_STREAM) and malformed
+        # (PROTOCOL_ERROR) streams one by one instead of failing the whole connection: see
+        # h2streams.
         self.conn = RefusingH2Connection(config=self.conn.config)
 
     @override
@@ -177,7 +183,11 @@ class ProxyH2Connection(H2Connection):
 
     @override
     def dataReceived(self, data: bytes) -> None:
-        """Handle the client's bytes; re-plan streams if it resized its stream windows."""
+        """
+        Handle the client's bytes: Twisted's, plus a log event for a protocol error that ends
+        the connection, the streams h2 rejected on their own (L{StreamRejected}), and a
+        re-plan of the streams if the client resized its stream windows.
+        """
         if self._closed:
             # GOAWAY went out (a protocol error) or came in: the connection is being torn
             # down. h2 would append whatever still arrives to its frame buffer before
@@ -185,7 +195,21 @@ class ProxyH2Connection(H2Connection):
             # held its bytes in memory until a full garbage collection.
             return
         initial_window = self.conn.remote_settings.initial_window_size
-        super().dataReceived(data)
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as error:
+            self._log.info(
+                "closing an HTTP/2 connection from {client}: {error}",
+                client=self._peer_host(),
+                error=str(error) or type(error).__name__,
+            )
+            self._terminate(Failure())
+            return
+        # Only frames that parse count as activity.
+        self.resetTimeout()
+        for event in events:
+            self._dispatch(event)
+        self._tryToWriteControlData()
         # A new SETTINGS_INITIAL_WINDOW_SIZE resizes every stream window without any
         # WINDOW_UPDATE event, and Twisted ignores RemoteSettingsChanged.
         if (
@@ -193,6 +217,42 @@ class ProxyH2Connection(H2Connection):
             and self.conn.remote_settings.initial_window_size != initial_window
         ):
             self._replan_streams(list(self.streams))
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        """Hand one h2 event to its handler, as Twisted's C{dataReceived} does."""
+        if isinstance(event, h2.events.RequestReceived):
+            self._requestReceived(event)
+        elif isinstance(event, h2.events.DataReceived):
+            self._requestDataReceived(event)
+        elif isinstance(event, h2.events.StreamEnded):
+            self._requestEnded(event)
+        elif isinstance(event, h2.events.StreamReset):
+            self._requestAborted(event)
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._handleWindowUpdate(event)
+        elif isinstance(event, h2.events.PriorityUpdated):
+            self._handlePriorityUpdate(event)
+        elif isinstance(event, StreamRejected):
+            self._stream_rejected(event)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._close_transport()
+            self.connectionLost(
+                Failure(ConnectionLost("Remote peer sent GOAWAY")), _cancelTimeouts=False
+            )
+
+    def _stream_rejected(self, event: StreamRejected) -> None:
+        """A stream h2 reset on its own (see L{h2streams}): log it, and forget its request."""
+        self._log.info(
+            "HTTP/2 stream {stream} from {client} reset ({error_code}): {reason}",
+            stream=event.stream_id,
+            client=self._peer_host(),
+            error_code=event.error_code.name,
+            reason=event.reason,
+        )
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.connectionLost(Failure(ConnectionLost(event.reason)))
+            self._requestDone(event.stream_id)
 
     @override
     def _requestReceived(self, event: h2.events.RequestReceived) -> None:
