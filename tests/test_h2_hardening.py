@@ -18,8 +18,9 @@ from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 
+from oaiproxy.config import Limits
 from oaiproxy.http.h2fix import MAX_EMPTY_DATA_FRAMES, ProxyH2Connection
-from tests.support.fakes import FakeResponse
+from tests.support.fakes import FakeResponse, make_harness
 from tests.support.h2client import H2Client
 from tests.test_h2_relay import JSON_HEADERS, H2ProxyTestCase
 
@@ -318,3 +319,75 @@ class MalformedStreamTests(_Hardening):
         self.assertTrue(transport.disconnecting)
         closing = [e for e in self.log if "closing an HTTP/2 connection" in e["log_format"]]
         self.assertEqual(len(closing), 1)
+
+
+class BodyCapTests(_Hardening):
+    """
+    A request body over the cap is answered 413 as soon as its declared length or its DATA
+    passes the cap, then reset with NO_ERROR; no more window is granted for it, its DATA
+    still counts on the connection window, and nothing is forwarded.
+    """
+
+    def setUp(self) -> None:
+        self.h = make_harness(
+            limits=Limits(stream_high_water=self.high_water, max_body_bytes=1000)
+        )
+
+    def post(self, client: H2Client, *extra: tuple[bytes, bytes]) -> int:
+        head = [*JSON_HEADERS, (b"x-request-id", b"client-id-1"), *extra]
+        return client.request(b"POST", path=b"/v1/embeddings", headers=head, end_stream=False)
+
+    def test_declared_length_over_cap_answered_at_once(self) -> None:
+        """content-length 5000 (cap 1000) and no DATA yet: 413 at once, then RST(NO_ERROR)."""
+        _, _, client = self.connect()
+        stream = self.post(client, (b"content-length", b"5000"))
+        self.turn()
+        client.receive()
+        self.assert_error(client, stream, 413, "request_too_large")
+        self.assertEqual(client.headers[stream][b"x-request-id"], b"client-id-1")
+        self.assertEqual(client.reset_codes[stream], _NO_ERROR)
+        self.assertEqual(self.h.sent(), [])
+        self.assert_still_serves(client)
+
+    def test_data_over_cap_answered_before_the_end(self) -> None:
+        """
+        DATA past the cap: 413 before the client has finished, then RST(NO_ERROR). DATA the
+        client sent before it heard still counts on the connection window: five such
+        streams send 3.7 times the initial connection window, and the connection still
+        serves.
+        """
+        connection, _, client = self.connect()
+        total = 0
+        for _ in range(5):
+            stream = self.post(client)
+            client.h2.send_data(stream, b"x" * 800)
+            client.send()
+            client.h2.send_data(stream, b"x" * 800)  # past the cap
+            total += 1600
+            # Sent before the client reads the 413: as much as the windows let it.
+            for _ in range(3):
+                size = min(16000, client.h2.local_flow_control_window(stream))
+                client.h2.send_data(stream, b"x" * size)
+                total += size
+            client.send()
+            self.turn()
+            client.receive()
+            self.assert_error(client, stream, 413, "request_too_large")
+            self.assertEqual(client.reset_codes[stream], _NO_ERROR)
+            self.assertNotIn(stream, connection.streams)
+        self.assertGreater(total, 3 * 65535)
+        self.assertEqual(self.h.sent(), [])
+        self.assert_still_serves(client)
+
+    def test_body_at_cap_forwarded(self) -> None:
+        """A body of exactly the cap is forwarded whole."""
+        _, _, client = self.connect()
+        body = b'{"input": "' + b"x" * 987 + b'"}'
+        self.assertEqual(len(body), 1000)
+        stream = self.post(client)
+        client.h2.send_data(stream, body, end_stream=True)
+        client.send()
+        self.turn()
+        (sent,) = self.h.sent()
+        self.assertEqual(sent.body, body)
+        self.answer(client, 0, stream)

@@ -10,7 +10,8 @@ overrides the public C{dataReceived} of the first (replacing its event loop) and
 methods (C{_requestReceived}, C{_requestDataReceived},
 C{_requestEnded}, C{_requestAborted}, C{_requestDone}, C{_terminate}, C{_handlePriorityUpdate},
 C{_handleWindowUpdate}, C{_sendPrioritisedData}) and uses its private state (the stream
-queues, the priority tree, the Rapid Reset token bucket C{_resetTokens}), so re-read those two
+queues, the priority tree, the Rapid Reset token bucket C{_resetTokens}, a stream's
+C{_request}), so re-read those two
 classes (and re-run C{tests.test_h2fix} and C{tests.test_h2_hardening}) whenever Twisted is
 upgraded.
 
@@ -49,7 +50,10 @@ What changes compared with Twisted's own classes:
  - B{Requests answered on their own stream.} Some requests are answered here with an
    OpenAI-shaped JSON error on their stream alone (L{_refuse}), never reaching the resource:
    C{CONNECT} (no C{:path}; Twisted's request crashed on it, dropping the connection and every
-   stream on it) gets 405.
+   stream on it) gets 405. A request body over the cap (a C{content-length} over it, or DATA
+   passing it) gets 413 at once, not after the whole body has been read with window granted
+   for it; the stream is then reset with NO_ERROR so that the client stops sending, and what
+   it sent meanwhile is acknowledged on the connection window only.
  - B{One bad stream, one stream error.} A malformed request (see L{h2streams}) gets
    RST_STREAM(PROTOCOL_ERROR) on its stream alone, and an excess one REFUSED_STREAM; each is
    logged (info, with the stream id and the reason), as is every protocol error that ends a
@@ -83,7 +87,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 from typing_extensions import override
 
-from oaiproxy.errors import MethodNotAllowed, ProxyError
+from oaiproxy.errors import BodyTooLarge, MethodNotAllowed, ProxyError
 from oaiproxy.http.capacity import ConnectionLimit, Refusal
 from oaiproxy.http.early import early_error_h2, request_id_for
 from oaiproxy.http.h1 import (
@@ -167,6 +171,8 @@ class ProxyH2Connection(H2Connection):
         self._above_high_water: set[int] = set()
         # Streams whose request (headers and body) has been received in full.
         self._request_complete: set[int] = set()
+        # Request body bytes received so far, per stream.
+        self._body_received: dict[int, int] = {}
         self._empty_data_frames = 0
         super().__init__(reactor)
         # Twisted's own state machine, but resetting excess (REFUSED_STREAM) and malformed
@@ -259,10 +265,17 @@ class ProxyH2Connection(H2Connection):
         """Start a request, unless this proxy answers it here (L{_refusal_for})."""
         error = self._refusal_for(event.headers)
         if error is not None:
-            self._refuse(event.stream_id, error, event.headers)
+            self._refuse(event.stream_id, error, _header(event.headers, b"x-request-id"))
             return
         super()._requestReceived(event)
         self._queued_bytes[event.stream_id] = 0
+        self._body_received[event.stream_id] = 0
+        cap = self._body_cap(event.stream_id)
+        # A content-length over the cap (the request noted it): answer before any DATA.
+        if cap is not None and getattr(self._request_of(event.stream_id), "body_too_large", False):
+            self._refuse(
+                event.stream_id, BodyTooLarge.over(cap), _header(event.headers, b"x-request-id")
+            )
 
     def _refusal_for(self, headers: list[tuple[bytes, bytes]]) -> ProxyError | None:
         """
@@ -279,15 +292,15 @@ class ProxyH2Connection(H2Connection):
             )
         return None
 
-    def _refuse(
-        self, stream_id: int, error: ProxyError, headers: Iterable[tuple[bytes, bytes]]
-    ) -> None:
+    def _refuse(self, stream_id: int, error: ProxyError, given_id: bytes | None) -> None:
         """
         Answer one stream with C{error} and forget it; the connection and its other streams
         carry on. Nothing of the stream's request reaches the resource (a Twisted request
         already made for it is told its client went away).
+
+        @param given_id: the client's C{x-request-id}, if any (used if sane).
         """
-        request_id = request_id_for(_header(headers, b"x-request-id"))
+        request_id = request_id_for(given_id)
         self._log.info(
             "{status} {code} for HTTP/2 stream {stream} from {client} ({request_id}): {message}",
             status=error.status,
@@ -365,12 +378,46 @@ class ProxyH2Connection(H2Connection):
             # acknowledges the connection only).
             self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             return
+        if self._over_body_cap(event):
+            # Answered (413) and reset: acknowledge on the connection window only.
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
         if not event.data and event.stream_ended is None:
             self._empty_data_frames += 1
             if self._empty_data_frames > MAX_EMPTY_DATA_FRAMES:
                 self._calm_down("too many empty DATA frames")
                 return
         super()._requestDataReceived(event)
+
+    def _request_of(self, stream_id: int) -> IRequest:
+        """The Twisted request of an open stream."""
+        request: IRequest = self.streams[stream_id]._request
+        return request
+
+    def _body_cap(self, stream_id: int) -> int | None:
+        """The request body cap of an open stream's request (L{ProxyRequest}), if any."""
+        cap = getattr(self._request_of(stream_id), "max_body_bytes", None)
+        return cap if isinstance(cap, int) else None
+
+    def _over_body_cap(self, event: h2.events.DataReceived) -> bool:
+        """
+        Count a stream's request body, and answer the stream with 413 once it goes over the
+        cap: at once (RFC 9113 section 8.1 allows answering an incomplete request), with
+        RST_STREAM(NO_ERROR) after it so that the client stops sending, instead of granting
+        window for the rest of a body that is thrown away and answering at its end.
+
+        @return: whether the stream was answered.
+        """
+        stream_id = event.stream_id
+        received = self._body_received[stream_id] = self._body_received.get(stream_id, 0) + len(
+            event.data
+        )
+        cap = self._body_cap(stream_id)
+        if cap is None or received <= cap:
+            return False
+        given = self._request_of(stream_id).requestHeaders.getRawHeaders(b"x-request-id")
+        self._refuse(stream_id, BodyTooLarge.over(cap), given[0] if given else None)
+        return True
 
     def _calm_down(self, why: str) -> None:
         """End the connection with GOAWAY ENHANCE_YOUR_CALM."""
@@ -539,6 +586,7 @@ class ProxyH2Connection(H2Connection):
         if tail is not None:
             tail.cancel()
         self._queued_bytes.pop(streamID, None)
+        self._body_received.pop(streamID, None)
         self._above_high_water.discard(streamID)
         self._request_complete.discard(streamID)
         super()._requestDone(streamID)

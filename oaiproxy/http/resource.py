@@ -123,8 +123,9 @@ class ProxyRequest(server.Request):
     A request whose body is capped at C{max_body_bytes}.
 
     Over HTTP/1.1 a body known (or found) to be over the cap is answered with 413 at once and
-    the connection is closed, before more of it is read; over HTTP/2 the rest of the stream is
-    discarded as it arrives and 413 is the answer.
+    the connection is closed, before more of it is read; over HTTP/2 the connection answers
+    the stream with 413 at once and resets it (L{oaiproxy.http.h2fix.ProxyH2Connection}),
+    reading C{max_body_bytes} and C{body_too_large} here.
     """
 
     max_body_bytes: ClassVar[int] = 32 * 1024 * 1024
