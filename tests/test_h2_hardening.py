@@ -391,3 +391,52 @@ class BodyCapTests(_Hardening):
         (sent,) = self.h.sent()
         self.assertEqual(sent.body, body)
         self.answer(client, 0, stream)
+
+
+class BodyDeadlineTests(_Hardening):
+    """
+    A request body that stops coming for the idle timeout gets 408 on its stream, then
+    RST_STREAM(NO_ERROR); nothing is forwarded and the connection lives on, even while the
+    client keeps it busy with PINGs.
+    """
+
+    def stalled_upload(self, client: H2Client) -> int:
+        head = [*JSON_HEADERS, (b"content-length", b"14")]
+        stream = client.request(b"POST", path=b"/v1/embeddings", headers=head, end_stream=False)
+        client.h2.send_data(stream, b'{"in')
+        client.send()
+        return stream
+
+    def test_stalled_body_gets_408_while_client_pings(self) -> None:
+        """4 of 14 bytes, then only PINGs: 408 within 1.25 idle timeouts, connection kept."""
+        _, transport, client = self.connect()
+        stream = self.stalled_upload(client)
+        self.turn()
+        for _ in range(8):  # 80 s of PINGs every 10 s
+            self.h.clock.advance(10)
+            client.h2.ping(b"12345678")
+            client.send()
+            client.receive()
+        self.turn()
+        client.receive()
+        self.assert_error(client, stream, 408, "request_timeout")
+        self.assertEqual(client.reset_codes[stream], _NO_ERROR)
+        self.assertEqual(self.h.sent(), [])
+        self.assertFalse(transport.disconnecting)
+        self.assert_still_serves(client)
+
+    def test_slow_steady_body_not_cut(self) -> None:
+        """A byte every 40 s (inside the 60 s deadline) is slow but alive: forwarded."""
+        _, _, client = self.connect()
+        stream = self.stalled_upload(client)
+        for byte in b'put": "a"}':
+            self.h.clock.advance(40)
+            client.h2.send_data(stream, bytes([byte]))
+            client.send()
+        client.h2.end_stream(stream)
+        client.send()
+        self.turn()
+        client.receive()
+        self.assertNotIn(stream, client.headers)
+        (sent,) = self.h.sent()
+        self.assertEqual(sent.body, b'{"input": "a"}')

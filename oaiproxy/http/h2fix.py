@@ -53,7 +53,9 @@ What changes compared with Twisted's own classes:
    stream on it) gets 405. A request body over the cap (a C{content-length} over it, or DATA
    passing it) gets 413 at once, not after the whole body has been read with window granted
    for it; the stream is then reset with NO_ERROR so that the client stops sending, and what
-   it sent meanwhile is acknowledged on the connection window only.
+   it sent meanwhile is acknowledged on the connection window only. A request body that stops
+   coming for the idle timeout gets 408 (the HTTP/1.1 body deadline), even while the client
+   keeps the connection busy (with PINGs, say).
  - B{One bad stream, one stream error.} A malformed request (see L{h2streams}) gets
    RST_STREAM(PROTOCOL_ERROR) on its stream alone, and an excess one REFUSED_STREAM; each is
    logged (info, with the stream id and the reason), as is every protocol error that ends a
@@ -87,7 +89,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 from typing_extensions import override
 
-from oaiproxy.errors import BodyTooLarge, MethodNotAllowed, ProxyError
+from oaiproxy.errors import BodyTooLarge, MethodNotAllowed, ProxyError, RequestTimeout
 from oaiproxy.http.capacity import ConnectionLimit, Refusal
 from oaiproxy.http.early import early_error_h2, request_id_for
 from oaiproxy.http.h1 import (
@@ -169,10 +171,10 @@ class ProxyH2Connection(H2Connection):
         self._queued_bytes: dict[int, int] = {}
         # Streams whose producer is paused for crossing the high-water mark.
         self._above_high_water: set[int] = set()
-        # Streams whose request (headers and body) has been received in full.
-        self._request_complete: set[int] = set()
         # Request body bytes received so far, per stream.
         self._body_received: dict[int, int] = {}
+        # The body deadline of each stream whose request body is still coming.
+        self._body_watches: dict[int, StallWatch] = {}
         self._empty_data_frames = 0
         super().__init__(reactor)
         # Twisted's own state machine, but resetting excess (REFUSED_STREAM) and malformed
@@ -270,6 +272,8 @@ class ProxyH2Connection(H2Connection):
         super()._requestReceived(event)
         self._queued_bytes[event.stream_id] = 0
         self._body_received[event.stream_id] = 0
+        if event.stream_ended is None:
+            self._watch_body(event.stream_id)
         cap = self._body_cap(event.stream_id)
         # A content-length over the cap (the request noted it): answer before any DATA.
         if cap is not None and getattr(self._request_of(event.stream_id), "body_too_large", False):
@@ -389,6 +393,35 @@ class ProxyH2Connection(H2Connection):
                 return
         super()._requestDataReceived(event)
 
+    def _watch_body(self, stream_id: int) -> None:
+        """
+        Give a request body the HTTP/1.1 body deadline: no DATA on the stream for the idle
+        timeout and it gets 408 (L{_body_stalled}). The connection's idle timer cannot do it:
+        any frame (a PING) re-arms it, so one stalled upload held its stream for ever.
+        """
+        if self.timeOut is None:
+            return
+        self._body_watches[stream_id] = StallWatch(
+            self._reactor,
+            self.timeOut,
+            lambda: self._body_received.get(stream_id),
+            lambda: self._body_stalled(stream_id),
+        )
+
+    def _body_stalled(self, stream_id: int) -> None:
+        """A request body stopped coming: 408 on its stream, which is then reset."""
+        self._body_watches.pop(stream_id, None)
+        if stream_id not in self.streams:
+            return
+        given = self._request_of(stream_id).requestHeaders.getRawHeaders(b"x-request-id")
+        error = RequestTimeout(f"no request data for {self.timeOut:g}s: request timed out")
+        self._refuse(stream_id, error, given[0] if given else None)
+
+    def _stop_body_watch(self, stream_id: int) -> None:
+        watch = self._body_watches.pop(stream_id, None)
+        if watch is not None:
+            watch.cancel()
+
     def _request_of(self, stream_id: int) -> IRequest:
         """The Twisted request of an open stream."""
         request: IRequest = self.streams[stream_id]._request
@@ -465,7 +498,7 @@ class ProxyH2Connection(H2Connection):
     def _requestEnded(self, event: h2.events.StreamEnded) -> None:
         if event.stream_id not in self.streams:
             return  # answered here (see _refuse)
-        self._request_complete.add(event.stream_id)
+        self._stop_body_watch(event.stream_id)
         super()._requestEnded(event)
 
     @override
@@ -587,8 +620,8 @@ class ProxyH2Connection(H2Connection):
             tail.cancel()
         self._queued_bytes.pop(streamID, None)
         self._body_received.pop(streamID, None)
+        self._stop_body_watch(streamID)
         self._above_high_water.discard(streamID)
-        self._request_complete.discard(streamID)
         super()._requestDone(streamID)
 
     @override
@@ -667,9 +700,10 @@ class ProxyH2Connection(H2Connection):
         """
         Time the connection out, unless its open streams are all waiting on this server.
 
-        A stream waits on the client while part of its request is still to come, or while
-        response bytes are queued for it (the send loop resets the timer on every frame, so
-        queued bytes after a full idle period mean the client stopped reading).
+        A stream waits on the client while response bytes are queued for it (the send loop
+        resets the timer on every frame, so queued bytes after a full idle period mean the
+        client stopped reading). A stream whose request body is still to come has its own
+        deadline (L{_watch_body}), answered with 408 on that stream.
         """
         if self.streams and not self._waiting_on_client():
             self._log.debug(
@@ -689,13 +723,8 @@ class ProxyH2Connection(H2Connection):
 
     def _waiting_on_client(self) -> bool:
         """Whether any open stream is stalled on the client (see L{timeoutConnection})."""
-        for stream_id, stream in self.streams.items():
-            if self._queued_bytes.get(stream_id, 0) > 0:
-                return True
-            # A stream paused by the application is not reading the rest of its request.
-            if stream_id not in self._request_complete and stream.producing:
-                return True
-        return False
+        # A request body still coming has its own deadline (L{_watch_body}).
+        return any(self._queued_bytes.get(stream_id, 0) > 0 for stream_id in self.streams)
 
     def _window(self, stream_id: int) -> int:
         """How many bytes the client lets us send on a stream now (0 once h2 closed it)."""
