@@ -440,3 +440,49 @@ class BodyDeadlineTests(_Hardening):
         self.assertNotIn(stream, client.headers)
         (sent,) = self.h.sent()
         self.assertEqual(sent.body, b'{"input": "a"}')
+
+
+class HeaderLimitTests(_Hardening):
+    """
+    The HTTP/1.1 header limits hold per HTTP/2 request: more than max_headers fields
+    (pseudo-headers not counted) or max_header_bytes (names and values, pseudo-headers
+    included) get 431 on the stream, and nothing is forwarded.
+    """
+
+    def assert_431(self, headers: list[tuple[bytes, bytes]]) -> None:
+        _, _, client = self.connect()
+        stream = client.request(b"GET", path=b"/v1/models", headers=headers)
+        self.turn()
+        client.receive()
+        self.assert_error(client, stream, 431, "request_header_fields_too_large")
+        self.assertEqual(self.h.sent(), [])
+        self.assert_still_serves(client)
+
+    def test_too_many_fields(self) -> None:
+        """1,000 header fields."""
+        self.assert_431([(b"x-h-%d" % i, b"v") for i in range(1000)])
+
+    def test_one_field_over_the_byte_limit(self) -> None:
+        """One 40 KB header."""
+        self.assert_431([(b"x-big", b"a" * 40_000)])
+
+    def test_block_over_the_byte_limit(self) -> None:
+        """A 60 KB header block of three fields."""
+        self.assert_431([(b"x-big-%d" % i, b"a" * 20_000) for i in range(3)])
+
+    def test_at_the_limits_forwarded(self) -> None:
+        """100 fields (and the 4 pseudo-headers) within 32 KiB are forwarded."""
+        _, _, client = self.connect()
+        pseudo = len(b":methodGET:path/v1/models:schemehttps")
+        pseudo += len(b":authorityproxy.test")
+        room = 32 * 1024 - pseudo - 100 * len(b"x-h-00")
+        headers = [(b"x-h-%02d" % i, b"v" * (room // 100)) for i in range(100)]
+        stream = client.request(b"GET", path=b"/v1/models", headers=headers)
+        self.turn()
+        self.assertEqual(len(self.h.sent()), 1)
+        self.answer(client, 0, stream)
+
+    def test_header_list_size_advertised(self) -> None:
+        """SETTINGS_MAX_HEADER_LIST_SIZE says what the limits allow, counted per RFC 9113."""
+        _, _, client = self.connect()
+        self.assertEqual(client.h2.remote_settings.max_header_list_size, 32 * 1024 + 32 * 104)

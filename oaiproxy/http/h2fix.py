@@ -60,6 +60,9 @@ What changes compared with Twisted's own classes:
    RST_STREAM(PROTOCOL_ERROR) on its stream alone, and an excess one REFUSED_STREAM; each is
    logged (info, with the stream id and the reason), as is every protocol error that ends a
    connection. Twisted logged none of them.
+ - B{Header limits.} The HTTP/1.1 limits (C{max_headers} fields, C{max_header_bytes})
+   hold per request: over them, 431 on the stream. C{SETTINGS_MAX_HEADER_LIST_SIZE}
+   advertises them (Twisted advertised h2's 64 KiB and enforced nothing of its own).
  - B{Injected reactor.} Twisted's ALPN switch builds C{H2Connection()}, which takes the global
    reactor; L{ProxySite} and L{ProxyHTTPChannelSwitch} pass theirs down.
 """
@@ -89,7 +92,13 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 from typing_extensions import override
 
-from oaiproxy.errors import BodyTooLarge, MethodNotAllowed, ProxyError, RequestTimeout
+from oaiproxy.errors import (
+    BodyTooLarge,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    ProxyError,
+    RequestTimeout,
+)
 from oaiproxy.http.capacity import ConnectionLimit, Refusal
 from oaiproxy.http.early import early_error_h2, request_id_for
 from oaiproxy.http.h1 import (
@@ -152,9 +161,17 @@ class ProxyH2Connection(H2Connection):
         reactor: IReactorTime,
         stream_high_water: int = DEFAULT_STREAM_HIGH_WATER,
         send_timeout: float | None = None,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
         """
         @param reactor: schedules the send loop and the idle timeout.
+        @param max_headers: header fields allowed in one request head, pseudo-header
+            fields not counted (as HTTP/1.1 counts the fields, not the request line); more
+            get 431 on the stream.
+        @param max_header_bytes: bytes allowed in one request head, counted as the lengths
+            of the names and values of all its fields, pseudo-header fields included; more
+            get 431 on the stream.
         @param stream_high_water: see L{stream_high_water}; must be positive.
         @param send_timeout: seconds a finished response may wait on a client that takes
             none of its queued bytes before its stream is reset (L{_tail_stalled}); C{None}:
@@ -176,11 +193,17 @@ class ProxyH2Connection(H2Connection):
         # The body deadline of each stream whose request body is still coming.
         self._body_watches: dict[int, StallWatch] = {}
         self._empty_data_frames = 0
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
         super().__init__(reactor)
         # Twisted's own state machine, but resetting excess (REFUSED_STREAM) and malformed
         # (PROTOCOL_ERROR) streams one by one instead of failing the whole connection: see
-        # h2streams.
-        self.conn = RefusingH2Connection(config=self.conn.config)
+        # h2streams. The header list size advertised is what the limits allow, counted as
+        # RFC 9113 does (32 bytes more per field; 4 pseudo-header fields).
+        self.conn = RefusingH2Connection(
+            config=self.conn.config,
+            max_header_list_size=max_header_bytes + 32 * (max_headers + 4),
+        )
 
     @override
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
@@ -285,9 +308,17 @@ class ProxyH2Connection(H2Connection):
         """
         The error a request head gets here, before Twisted's request is made, if any.
 
+        A head over C{max_headers} or C{max_header_bytes} gets 431, as over HTTP/1.1.
         C{CONNECT} (a tunnel: C{:authority} and no C{:path}, which h2 accepts) is refused:
         Twisted's request would crash on the missing path, taking the connection down.
         """
+        fields = sum(1 for name, _ in headers if not name.startswith(b":"))
+        size = sum(len(name) + len(value) for name, value in headers)
+        if fields > self.max_headers or size > self.max_header_bytes:
+            return HeadersTooLarge(
+                f"the request head is over {self.max_headers} header fields or "
+                f"{self.max_header_bytes} bytes"
+            )
         method = _header(headers, b":method")
         if method == b"CONNECT" or _header(headers, b":path") is None:
             return MethodNotAllowed(
@@ -812,17 +843,24 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
         reactor: IReactorTime,
         stream_high_water: int = DEFAULT_STREAM_HIGH_WATER,
         send_timeout: float | None = None,
+        *,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
         """
         @param channel: the HTTP/1.1 channel to start with, not yet connected.
         @param reactor: passed to the L{ProxyH2Connection}.
         @param stream_high_water: passed to the L{ProxyH2Connection}.
         @param send_timeout: passed to the L{ProxyH2Connection}.
+        @param max_headers: passed to the L{ProxyH2Connection}.
+        @param max_header_bytes: passed to the L{ProxyH2Connection}.
         """
         super().__init__(channel)
         self._reactor = reactor
         self._stream_high_water = stream_high_water
         self._send_timeout = send_timeout
+        self._max_headers = max_headers
+        self._max_header_bytes = max_header_bytes
         self._refused = False
 
     @override
@@ -870,7 +908,11 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
 
         transport = channel.transport
         connection = ProxyH2Connection(
-            self._reactor, self._stream_high_water, send_timeout=self._send_timeout
+            self._reactor,
+            self._stream_high_water,
+            send_timeout=self._send_timeout,
+            max_headers=self._max_headers,
+            max_header_bytes=self._max_header_bytes,
         )
         connection.requestFactory = self._requestFactory
         connection.site = self._site
@@ -914,8 +956,9 @@ class ProxySite(Site):
             paused; see L{ProxyH2Connection}.
         @param idle_timeout: seconds without traffic before a connection is closed; an HTTP/2
             connection whose streams are all waiting on this server is kept.
-        @param max_headers: passed to each L{ProxyHTTPChannel} (HTTP/1.1).
-        @param max_header_bytes: passed to each L{ProxyHTTPChannel}.
+        @param max_headers: passed to each L{ProxyHTTPChannel} (HTTP/1.1) and
+            L{ProxyH2Connection}.
+        @param max_header_bytes: passed to each L{ProxyHTTPChannel} and L{ProxyH2Connection}.
         @param header_timeout: passed to each L{ProxyHTTPChannel}.
         @param max_connections: client connections held at once (see L{ConnectionLimit}).
         @param send_timeout: how long a finished HTTP/2 response may wait on a client that
@@ -933,6 +976,8 @@ class ProxySite(Site):
         self.stream_high_water = stream_high_water
         self.send_timeout = send_timeout
         self.connections = ConnectionLimit(max_connections, reactor)
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
         self._h1_options: dict[str, Any] = {
             "max_headers": max_headers,
             "max_header_bytes": max_header_bytes,
@@ -949,7 +994,12 @@ class ProxySite(Site):
             return Refusal(self.reactor, self.connections.limit)
         channel = ProxyHTTPChannel(self.reactor, **self._h1_options)
         protocol = ProxyHTTPChannelSwitch(
-            channel, self.reactor, self.stream_high_water, self.send_timeout
+            channel,
+            self.reactor,
+            self.stream_high_water,
+            self.send_timeout,
+            max_headers=self.max_headers,
+            max_header_bytes=self.max_header_bytes,
         )
         protocol.factory = self
         protocol.callLater = self.reactor.callLater

@@ -35,10 +35,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import h2.config
 import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 
 __all__ = ["RefusingH2Connection", "StreamRejected"]
 
@@ -61,6 +63,29 @@ class StreamRejected(h2.events.Event):
 
 class RefusingH2Connection(h2.connection.H2Connection):
     """An h2 connection that resets excess and malformed streams instead of failing."""
+
+    def __init__(
+        self, config: h2.config.H2Configuration, max_header_list_size: int | None = None
+    ) -> None:
+        """
+        @param config: h2's configuration.
+        @param max_header_list_size: the C{SETTINGS_MAX_HEADER_LIST_SIZE} to advertise
+            (h2's default, 64 KiB, if C{None}). Header blocks are still decoded up to twice
+            that (at least 64 KiB), so that the application can answer one a little over it
+            on its stream (431); past that, h2 ends the connection.
+        """
+        super().__init__(config=config)
+        if max_header_list_size is not None:
+            self.local_settings = h2.settings.Settings(
+                client=config.client_side,
+                initial_values={
+                    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+                    h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+                },
+            )
+            self.decoder.max_header_list_size = max(
+                self.DEFAULT_MAX_HEADER_LIST_SIZE, 2 * max_header_list_size
+            )
 
     _admitting_over_limit = False
     # The stream whose header block is decoded and whose frame both state machines took.
