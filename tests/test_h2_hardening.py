@@ -486,3 +486,59 @@ class HeaderLimitTests(_Hardening):
         """SETTINGS_MAX_HEADER_LIST_SIZE says what the limits allow, counted per RFC 9113."""
         _, _, client = self.connect()
         self.assertEqual(client.h2.remote_settings.max_header_list_size, 32 * 1024 + 32 * 104)
+
+
+class RapidResetTests(_Hardening):
+    """
+    A stream reset in the same bytes that opened it starts no upstream work; a flood of them
+    ends the connection (GOAWAY ENHANCE_YOUR_CALM) with no upstream work either; a response
+    for a connection closed by a GOAWAY is dropped quietly.
+    """
+
+    def pairs(self, client: H2Client, count: int) -> None:
+        """HEADERS(END_STREAM) then RST_STREAM, C{count} times, in one write."""
+        head = [
+            (b":method", b"GET"),
+            (b":path", b"/v1/models"),
+            (b":scheme", b"https"),
+            (b":authority", b"proxy.test"),
+        ]
+        for _ in range(count):
+            stream = client.h2.get_next_available_stream_id()
+            client.h2.send_headers(stream, head, end_stream=True)
+            client.h2.reset_stream(stream, error_code=h2.errors.ErrorCodes.CANCEL)
+        client.send()
+
+    def test_pairs_below_the_flood_threshold(self) -> None:
+        """50 pairs: no exchange started, the connection serves on."""
+        _, _, client = self.connect()
+        self.pairs(client, 50)
+        self.turn()
+        client.receive()
+        self.assertEqual(self.h.sent(), [])
+        self.assert_still_serves(client)
+
+    def test_flood_ends_connection_without_upstream_work(self) -> None:
+        """2,000 pairs: GOAWAY ENHANCE_YOUR_CALM, and not one request went upstream."""
+        _, transport, client = self.connect()
+        self.pairs(client, 2000)
+        self.turn()
+        client.receive()
+        calm = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        self.assertEqual([e.error_code for e in client.terminated], [calm])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.h.sent(), [])
+
+    def test_response_after_goaway_dropped(self) -> None:
+        """A response head for a connection closed by a GOAWAY: dropped, exchange cancelled."""
+        connection, _, client = self.connect()
+        stream = client.request(b"GET", path=b"/v1/models")
+        self.turn()
+        (sent,) = self.h.sent()
+        connection.conn.close_connection()  # the GOAWAY h2 queues on a connection error
+        response = FakeResponse(200, {b"content-type": [b"application/json"]})
+        sent.deferred.callback(response)
+        response.deliver(b"{}")
+        self.turn()
+        self.assertNotIn(stream, connection.streams)
+        self.assertTrue(response.socket.stopped)

@@ -8,7 +8,8 @@ Written against Twisted 26.10.0 (and h2 4.4.1). It subclasses the private
 L{twisted.web._http2.H2Connection} and L{twisted.web.http._GenericHTTPChannelProtocol} and
 overrides the public C{dataReceived} of the first (replacing its event loop) and private
 methods (C{_requestReceived}, C{_requestDataReceived},
-C{_requestEnded}, C{_requestAborted}, C{_requestDone}, C{_terminate}, C{_handlePriorityUpdate},
+C{_requestEnded}, C{_requestAborted}, C{_requestDone}, C{_terminate}, C{abortRequest},
+C{writeHeaders}, C{_handlePriorityUpdate},
 C{_handleWindowUpdate}, C{_sendPrioritisedData}) and uses its private state (the stream
 queues, the priority tree, the Rapid Reset token bucket C{_resetTokens}, a stream's
 C{_request}), so re-read those two
@@ -60,6 +61,10 @@ What changes compared with Twisted's own classes:
    RST_STREAM(PROTOCOL_ERROR) on its stream alone, and an excess one REFUSED_STREAM; each is
    logged (info, with the stream id and the reason), as is every protocol error that ends a
    connection. Twisted logged none of them.
+ - B{Rapid Reset costs no upstream work.} A stream reset in the same read that opened it
+   never reaches the resource, and nothing is dispatched after an event that ended the
+   connection; a response for a connection closed by a GOAWAY is dropped quietly (the
+   exchange cancelled) instead of raising out of h2.
  - B{Header limits.} The HTTP/1.1 limits (C{max_headers} fields, C{max_header_bytes})
    hold per request: over them, 431 on the stream. C{SETTINGS_MAX_HEADER_LIST_SIZE}
    advertises them (Twisted advertised h2's 64 KiB and enforced nothing of its own).
@@ -238,7 +243,16 @@ class ProxyH2Connection(H2Connection):
             return
         # Only frames that parse count as activity.
         self.resetTimeout()
+        # A stream the client resets in the same bytes that opened it never reaches the
+        # resource (Rapid Reset: no upstream work is started and then cancelled for it).
+        reset_now = {e.stream_id for e in events if isinstance(e, h2.events.StreamReset)}
         for event in events:
+            if self._closed or not self._stillProducing:
+                # An earlier event ended the connection (GOAWAY): Twisted went on starting
+                # requests, which reached the upstream and answered into a closed connection.
+                break
+            if isinstance(event, h2.events.RequestReceived) and event.stream_id in reset_now:
+                continue
             self._dispatch(event)
         self._tryToWriteControlData()
         # A new SETTINGS_INITIAL_WINDOW_SIZE resizes every stream window without any
@@ -571,6 +585,27 @@ class ProxyH2Connection(H2Connection):
     # Response data from the streams.
 
     @override
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Any, streamID: int
+    ) -> None:
+        """
+        Send a response head; into a connection closed by a GOAWAY, drop it instead (Twisted
+        let h2's error out: a critical traceback) and cancel the stream's exchange, as for a
+        client that went away, once this write has returned.
+        """
+        if self._closed:
+            self._reactor.callLater(0, self._forget_stream, streamID)
+            return
+        super().writeHeaders(version, code, reason, headers, streamID)
+
+    def _forget_stream(self, stream_id: int) -> None:
+        """Tell a stream's request its client is gone, and drop the stream."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.connectionLost(Failure(ConnectionLost("the HTTP/2 connection is closed")))
+            self._requestDone(stream_id)
+
+    @override
     def writeDataToStream(self, streamID: int, data: bytes) -> None:
         """Queue response data for a stream; pause its producer if the queue is full."""
         queue = self._outboundStreamQueues.get(streamID)
@@ -638,8 +673,12 @@ class ProxyH2Connection(H2Connection):
     def abortRequest(self, streamID: int) -> None:
         """
         Reset a stream whose response is cut short with INTERNAL_ERROR: Twisted resets with
-        NO_ERROR, which some clients take for a normal end of a body under way.
+        NO_ERROR, which some clients take for a normal end of a body under way. Nothing is
+        sent once the connection is closed (GOAWAY).
         """
+        if self._closed:
+            self._forget_stream(streamID)
+            return
         self.conn.reset_stream(streamID, h2.errors.ErrorCodes.INTERNAL_ERROR)
         if self._tryToWriteControlData():
             self._requestDone(streamID)
@@ -671,7 +710,7 @@ class ProxyH2Connection(H2Connection):
         """
         reset = False
         for _ in range(self.frames_per_turn):
-            if not self._stillProducing:
+            if not self._stillProducing or self._closed:
                 return
             try:
                 stream_id: int = next(self.priority)
