@@ -15,13 +15,18 @@ import json
 import h2.errors
 import h2.settings
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
-from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from zope.interface import alsoProvides
 
 from oaiproxy.config import Limits
-from oaiproxy.http.h2fix import MAX_EMPTY_DATA_FRAMES, ProxyH2Connection
+from oaiproxy.http.capacity import Refusal
+from oaiproxy.http.h2fix import MAX_EMPTY_DATA_FRAMES, ProxyH2Connection, ProxySite
 from tests.support.fakes import FakeResponse, make_harness
-from tests.support.h2client import H2Client
+from tests.support.h2client import CLIENT_ADDRESS, REQUEST_HEADERS, H2Client
 from tests.test_h2_relay import JSON_HEADERS, H2ProxyTestCase
 
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
@@ -542,3 +547,63 @@ class RapidResetTests(_Hardening):
         self.turn()
         self.assertNotIn(stream, connection.streams)
         self.assertTrue(response.socket.stopped)
+
+
+class _TLSTransport(StringTransport):
+    """A TLS transport, its handshake done, reporting the protocol ALPN chose."""
+
+    def __init__(self, negotiated: bytes | None) -> None:
+        super().__init__(peerAddress=CLIENT_ADDRESS)
+        self.negotiatedProtocol = negotiated
+        # Declared on the instance: the TCP half of ISSLTransport is not needed here.
+        alsoProvides(self, ISSLTransport)
+
+
+class RefusalOverH2Tests(SynchronousTestCase):
+    """
+    Past max_connections a TLS client that negotiated h2 gets an HTTP/2 refusal: the server
+    preface, a JSON 503 with retry-after on its first stream, GOAWAY(NO_ERROR) naming that
+    stream as the last one, then close. An HTTP/1.1 client still gets the HTTP/1.1 503.
+    """
+
+    def refusal(self, negotiated: bytes | None) -> tuple[Refusal, _TLSTransport]:
+        clock = MemoryReactorClock()
+        site = ProxySite(Resource(), clock, max_connections=1)
+        self.assertTrue(site.connections.admit())  # the one slot is taken
+        refusal = site.buildProtocol(CLIENT_ADDRESS)
+        assert isinstance(refusal, Refusal)
+        transport = _TLSTransport(negotiated)
+        refusal.makeConnection(transport)
+        self.assertEqual(transport.value(), b"")  # nothing before the handshake is done
+        refusal.handshakeCompleted()
+        return refusal, transport
+
+    def test_h2_client_gets_503_and_goaway(self) -> None:
+        """The first stream gets the 503; a second stream is left to retry; then close."""
+        refusal, transport = self.refusal(b"h2")
+        client = H2Client(refusal, transport)
+        client.h2.initiate_connection()
+        first = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(first, REQUEST_HEADERS, end_stream=True)
+        second = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(second, REQUEST_HEADERS, end_stream=True)
+        client.send()
+        client.receive()
+        self.assertEqual(client.headers[first][b":status"], b"503")
+        self.assertEqual(client.headers[first][b"retry-after"], b"1")
+        self.assertTrue(client.headers[first][b"x-request-id"])
+        error = json.loads(client.body[first])["error"]
+        self.assertEqual(error["code"], "too_many_connections")
+        self.assertIn(first, client.ended)
+        self.assertNotIn(second, client.headers)
+        (goaway,) = client.terminated
+        self.assertEqual(goaway.error_code, _NO_ERROR)
+        self.assertEqual(goaway.last_stream_id, first)
+        self.assertTrue(transport.disconnecting)
+
+    def test_http11_over_tls_gets_http11_503(self) -> None:
+        """ALPN http/1.1 (or none): the HTTP/1.1 503, after the handshake."""
+        for negotiated in (b"http/1.1", None):
+            _, transport = self.refusal(negotiated)
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 "))
+            self.assertTrue(transport.disconnecting)
