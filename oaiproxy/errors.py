@@ -116,6 +116,11 @@ class BodyTooLarge(ProxyError):
     error_type = "invalid_request_error"
     code = "request_too_large"
 
+    @classmethod
+    def over(cls, cap: int) -> BodyTooLarge:
+        """The error for a body over a cap of C{cap} bytes."""
+        return cls(f"request body is larger than the limit of {cap} bytes")
+
 
 class UpstreamError(ProxyError):
     """Base of failures on the upstream side."""

@@ -422,12 +422,18 @@ class IdleTimeoutTests(_H2TestCase):
         self.assertEqual(self.goaway_codes(client), [h2.errors.ErrorCodes.PROTOCOL_ERROR])
 
     def test_client_not_sending_request_body_times_out(self) -> None:
-        """A request whose body stopped coming does not keep the connection."""
+        """
+        A request whose body stopped coming gets 408 on its stream after the timeout; the
+        connection, then idle, is timed out (GOAWAY NO_ERROR: no stream is left open).
+        """
         _, transport, client = self.serve()
-        client.request(b"POST", end_stream=False)
+        stream_id = client.request(b"POST", end_stream=False)
+        self.clock.advance(_TIMEOUT + 1)
+        client.receive()
+        self.assertEqual(client.headers[stream_id][b":status"], b"408")
         self.clock.advance(_TIMEOUT + 1)
         self.assertTrue(transport.disconnecting)
-        self.assertEqual(self.goaway_codes(client), [h2.errors.ErrorCodes.PROTOCOL_ERROR])
+        self.assertEqual(self.goaway_codes(client), [h2.errors.ErrorCodes.NO_ERROR])
 
 
 class FinishedResponseDeadlineTests(_H2TestCase):

@@ -3,23 +3,37 @@ A cap on the client connections a site holds at once, and the answer past it.
 
 Each connection costs a file descriptor and some memory, idle keep-alive ones included (they
 are reaped by the idle timeout). Past C{max_connections} a new connection gets a 503
-C{too_many_connections} error with C{Retry-After: 1}, as HTTP/1.1 (over TLS, once the
-handshake is done), and is closed; one that does not let itself be closed within a few
-seconds is aborted. Refusals are logged at most once per ten seconds, with their count.
+C{too_many_connections} error with C{Retry-After: 1} and is closed; one that does not let
+itself be closed within a few seconds is aborted. Over TLS the answer waits for the handshake:
+a client that negotiated C{h2} by ALPN gets it as HTTP/2 (the server preface, the 503 on its
+first stream, then GOAWAY(NO_ERROR) naming that stream as the last processed, so the client
+knows any other was not and may retry it), any other as HTTP/1.1. Refusals are logged at most
+once per ten seconds, with their count.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
+from zope.interface import implementer
 
 from oaiproxy.errors import TooManyConnections
-from oaiproxy.http.early import early_error_response, new_request_id
+from oaiproxy.http.early import early_error_h2, early_error_response, new_request_id
 
 __all__ = ["ConnectionLimit", "Refusal"]
 
@@ -65,6 +79,7 @@ class ConnectionLimit:
             self._last_log = now
 
 
+@implementer(IHandshakeListener)
 class Refusal(Protocol):
     """A refused connection: a 503 JSON error, then close (abort if that does not happen)."""
 
@@ -72,21 +87,77 @@ class Refusal(Protocol):
         self._clock = clock
         self._limit = limit
         self._abort_call: IDelayedCall | None = None
+        self._h2: h2.connection.H2Connection | None = None
+        self._error = TooManyConnections(
+            f"the proxy is at its limit of {limit} client connections; retry later",
+            retry_after=1,
+        )
 
     @override
     def connectionMade(self) -> None:
         transport: Any = self.transport
-        error = TooManyConnections(
-            f"the proxy is at its limit of {self._limit} client connections; retry later",
-            retry_after=1,
-        )
-        transport.write(early_error_response(error, new_request_id()))
-        transport.loseConnection()
         self._abort_call = self._clock.callLater(REFUSAL_ABORT, transport.abortConnection)
+        # Over TLS, which protocol to answer in is known once the handshake is done.
+        if not ISSLTransport.providedBy(transport):
+            self._answer_http1()
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done: answer in the protocol ALPN chose."""
+        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            self._start_h2()
+        else:
+            self._answer_http1()
+
+    def _answer_http1(self) -> None:
+        transport: Any = self.transport
+        transport.write(early_error_response(self._error, new_request_id()))
+        transport.loseConnection()
+
+    def _start_h2(self) -> None:
+        """Send the server preface, and wait for the client's first request."""
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2.initiate_connection()
+        self._flush_h2()
 
     @override
     def dataReceived(self, data: bytes) -> None:
-        """Whatever the client sends is ignored."""
+        """Read an HTTP/2 client's frames up to its first request; ignore anything else."""
+        if self._h2 is None:
+            return
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self._close_h2()  # h2 queued a GOAWAY for it
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self._refuse_stream(event.stream_id)
+                return
+        self._flush_h2()
+
+    def _refuse_stream(self, stream_id: int) -> None:
+        """The 503 on the first stream, GOAWAY(NO_ERROR) with it as the last one, close."""
+        assert self._h2 is not None
+        head, body = early_error_h2(self._error, new_request_id())
+        if self._h2.local_flow_control_window(stream_id) >= len(body):
+            self._h2.send_headers(stream_id, head)
+            self._h2.send_data(stream_id, body, end_stream=True)
+        else:
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        self._h2.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=stream_id)
+        self._close_h2()
+
+    def _flush_h2(self) -> None:
+        assert self._h2 is not None
+        data = self._h2.data_to_send()
+        if data:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def _close_h2(self) -> None:
+        self._flush_h2()
+        self._h2 = None
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     @override
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008

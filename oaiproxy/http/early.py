@@ -1,8 +1,8 @@
 """
-Request ids, and answers written straight to an HTTP/1.1 transport: for requests refused
-before Twisted's request object can answer them (a malformed head, a head or body sent too
-slowly, a body known to be over the cap). Each is an OpenAI-shaped error with its request id,
-after which the connection is closed.
+Request ids, and answers written straight to the connection: for requests refused before
+Twisted's request object can answer them (a malformed head, a head or body sent too slowly, a
+body known to be over the cap). Each is an OpenAI-shaped error with its request id; over
+HTTP/1.1 the connection is closed after it, over HTTP/2 only the stream ends.
 """
 
 from __future__ import annotations
@@ -13,14 +13,23 @@ from http import HTTPStatus
 
 from twisted.web.http import RESPONSES
 
-from oaiproxy.errors import ProxyError
+from oaiproxy.errors import MethodNotAllowed, ProxyError
 
-__all__ = ["early_error_response", "new_request_id", "reason_phrase"]
+__all__ = [
+    "early_error_h2",
+    "early_error_response",
+    "new_request_id",
+    "reason_phrase",
+    "request_id_for",
+]
 
 # Request ids: a random per-process prefix and a counter, 32 hex digits like a UUID, unique
 # without a getrandom() call per request.
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
+_REQUEST_ID_MAX = 200
+# Printable ASCII without space: what a client's request id may hold.
+_ID_OK = bytes(range(0x21, 0x7F))
 
 
 def reason_phrase(status: int) -> bytes:
@@ -40,6 +49,16 @@ def new_request_id() -> bytes:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}".encode("ascii")
 
 
+def request_id_for(given: bytes | None) -> bytes:
+    """
+    The client's C{x-request-id} if it is sane (1 to 200 printable ASCII characters, no
+    space), else a new one.
+    """
+    if given and len(given) <= _REQUEST_ID_MAX and not given.translate(None, _ID_OK):
+        return given
+    return new_request_id()
+
+
 def early_error_response(error: ProxyError, request_id: bytes) -> bytes:
     """The bytes of an HTTP/1.1 response carrying C{error}, closing the connection."""
     body = error.to_json()
@@ -53,3 +72,21 @@ def early_error_response(error: ProxyError, request_id: bytes) -> bytes:
         b"%sconnection: close\r\n\r\n%s"
         % (error.status, reason, len(body), request_id, retry, body)
     )
+
+
+def early_error_h2(
+    error: ProxyError, request_id: bytes
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The HTTP/2 response head (C{:status} first) and body carrying C{error}."""
+    body = error.to_json()
+    head = [
+        (b":status", b"%d" % error.status),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"x-request-id", request_id),
+    ]
+    if error.retry_after is not None:
+        head.append((b"retry-after", b"%d" % error.retry_after))
+    if isinstance(error, MethodNotAllowed):
+        head.append((b"allow", error.allow))
+    return head, body

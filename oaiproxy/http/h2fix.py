@@ -6,8 +6,15 @@ Twisted's HTTP/2 server with the gaps a streaming proxy falls into closed.
 
 Written against Twisted 26.10.0 (and h2 4.4.1). It subclasses the private
 L{twisted.web._http2.H2Connection} and L{twisted.web.http._GenericHTTPChannelProtocol} and
-overrides private methods of the first, so re-read those two classes (and re-run
-C{tests.test_h2fix}) whenever Twisted is upgraded.
+overrides the public C{dataReceived} of the first (replacing its event loop) and private
+methods (C{_requestReceived}, C{_requestDataReceived},
+C{_requestEnded}, C{_requestAborted}, C{_requestDone}, C{_terminate}, C{abortRequest},
+C{writeHeaders}, C{_handlePriorityUpdate},
+C{_handleWindowUpdate}, C{_sendPrioritisedData}) and uses its private state (the stream
+queues, the priority tree, the Rapid Reset token bucket C{_resetTokens}, a stream's
+C{_request}), so re-read those two
+classes (and re-run C{tests.test_h2fix} and C{tests.test_h2_hardening}) whenever Twisted is
+upgraded.
 
 What changes compared with Twisted's own classes:
 
@@ -29,6 +36,11 @@ What changes compared with Twisted's own classes:
  - B{A send deadline for finished responses.} Once a response is complete its relay is gone;
    bytes of it that the client takes none of for the send deadline get the stream reset
    (L{_tail_stalled}), even while the client keeps the connection busy with other frames.
+ - B{Closed after a GOAWAY.} After a GOAWAY for an error (or the idle timeout) the
+   connection is closed as soon as the GOAWAY is written (RFC 9113 section 5.4.1), and its
+   streams are cancelled at once; a client that does not read is aborted after
+   C{abortTimeout}. Twisted's stayed the transport's producer, which keeps a TLS connection
+   open: it lingered until the idle timeout plus C{abortTimeout}.
  - B{Nothing read into a dead connection.} After a GOAWAY, bytes that still arrive are
    dropped instead of being appended to h2's frame buffer (a flood would sit there).
  - B{No empty-frame floods.} More than 100 DATA frames that carry nothing and end nothing
@@ -36,6 +48,26 @@ What changes compared with Twisted's own classes:
  - B{PRIORITY only for open streams.} Twisted inserts a never-removed node in its priority
    tree for a PRIORITY frame on any idle or closed stream; past 1,000 the C{priority} library
    raises out of C{dataReceived}. Here such frames are ignored.
+ - B{Requests answered on their own stream.} Some requests are answered here with an
+   OpenAI-shaped JSON error on their stream alone (L{_refuse}), never reaching the resource:
+   C{CONNECT} (no C{:path}; Twisted's request crashed on it, dropping the connection and every
+   stream on it) gets 405. A request body over the cap (a C{content-length} over it, or DATA
+   passing it) gets 413 at once, not after the whole body has been read with window granted
+   for it; the stream is then reset with NO_ERROR so that the client stops sending, and what
+   it sent meanwhile is acknowledged on the connection window only. A request body that stops
+   coming for the idle timeout gets 408 (the HTTP/1.1 body deadline), even while the client
+   keeps the connection busy (with PINGs, say).
+ - B{One bad stream, one stream error.} A malformed request (see L{h2streams}) gets
+   RST_STREAM(PROTOCOL_ERROR) on its stream alone, and an excess one REFUSED_STREAM; each is
+   logged (info, with the stream id and the reason), as is every protocol error that ends a
+   connection. Twisted logged none of them.
+ - B{Rapid Reset costs no upstream work.} A stream reset in the same read that opened it
+   never reaches the resource, and nothing is dispatched after an event that ended the
+   connection; a response for a connection closed by a GOAWAY is dropped quietly (the
+   exchange cancelled) instead of raising out of h2.
+ - B{Header limits.} The HTTP/1.1 limits (C{max_headers} fields, C{max_header_bytes})
+   hold per request: over them, 431 on the stream. C{SETTINGS_MAX_HEADER_LIST_SIZE}
+   advertises them (Twisted advertised h2's 64 KiB and enforced nothing of its own).
  - B{Injected reactor.} Twisted's ALPN switch builds C{H2Connection()}, which takes the global
    reactor; L{ProxySite} and L{ProxyHTTPChannelSwitch} pass theirs down.
 """
@@ -43,7 +75,7 @@ What changes compared with Twisted's own classes:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import Any, Final, cast
 
@@ -65,14 +97,23 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 from typing_extensions import override
 
+from oaiproxy.errors import (
+    BodyTooLarge,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    ProxyError,
+    RequestTimeout,
+)
 from oaiproxy.http.capacity import ConnectionLimit, Refusal
+from oaiproxy.http.early import early_error_h2, request_id_for
 from oaiproxy.http.h1 import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_HEADERS,
     ProxyHTTPChannel,
 )
-from oaiproxy.http.h2streams import RefusingH2Connection
+from oaiproxy.http.h2streams import RefusingH2Connection, StreamRejected
+from oaiproxy.http.headers import FORWARDED_ALLOW
 from oaiproxy.http.stall import StallWatch
 
 __all__ = [
@@ -112,9 +153,17 @@ class ProxyH2Connection(H2Connection):
         reactor: IReactorTime,
         stream_high_water: int = DEFAULT_STREAM_HIGH_WATER,
         send_timeout: float | None = None,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
         """
         @param reactor: schedules the send loop and the idle timeout.
+        @param max_headers: header fields allowed in one request head, pseudo-header
+            fields not counted (as HTTP/1.1 counts the fields, not the request line); more
+            get 431 on the stream.
+        @param max_header_bytes: bytes allowed in one request head, counted as the lengths
+            of the names and values of all its fields, pseudo-header fields included; more
+            get 431 on the stream.
         @param stream_high_water: see L{stream_high_water}; must be positive.
         @param send_timeout: seconds a finished response may wait on a client that takes
             none of its queued bytes before its stream is reset (L{_tail_stalled}); C{None}:
@@ -131,13 +180,22 @@ class ProxyH2Connection(H2Connection):
         self._queued_bytes: dict[int, int] = {}
         # Streams whose producer is paused for crossing the high-water mark.
         self._above_high_water: set[int] = set()
-        # Streams whose request (headers and body) has been received in full.
-        self._request_complete: set[int] = set()
+        # Request body bytes received so far, per stream.
+        self._body_received: dict[int, int] = {}
+        # The body deadline of each stream whose request body is still coming.
+        self._body_watches: dict[int, StallWatch] = {}
         self._empty_data_frames = 0
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
         super().__init__(reactor)
-        # Twisted's own state machine, but refusing streams over the limit one by one
-        # (REFUSED_STREAM) instead of failing the whole connection: see h2streams.
-        self.conn = RefusingH2Connection(config=self.conn.config)
+        # Twisted's own state machine, but resetting excess (REFUSED_STREAM) and malformed
+        # (PROTOCOL_ERROR) streams one by one instead of failing the whole connection: see
+        # h2streams. The header list size advertised is what the limits allow, counted as
+        # RFC 9113 does (32 bytes more per field; 4 pseudo-header fields).
+        self.conn = RefusingH2Connection(
+            config=self.conn.config,
+            max_header_list_size=max_header_bytes + 32 * (max_headers + 4),
+        )
 
     @override
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
@@ -148,7 +206,11 @@ class ProxyH2Connection(H2Connection):
 
     @override
     def dataReceived(self, data: bytes) -> None:
-        """Handle the client's bytes; re-plan streams if it resized its stream windows."""
+        """
+        Handle the client's bytes: Twisted's, plus a log event for a protocol error that ends
+        the connection, the streams h2 rejected on their own (L{StreamRejected}), and a
+        re-plan of the streams if the client resized its stream windows.
+        """
         if self._closed:
             # GOAWAY went out (a protocol error) or came in: the connection is being torn
             # down. h2 would append whatever still arrives to its frame buffer before
@@ -156,7 +218,30 @@ class ProxyH2Connection(H2Connection):
             # held its bytes in memory until a full garbage collection.
             return
         initial_window = self.conn.remote_settings.initial_window_size
-        super().dataReceived(data)
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as error:
+            self._log.info(
+                "closing an HTTP/2 connection from {client}: {error}",
+                client=self._peer_host(),
+                error=str(error) or type(error).__name__,
+            )
+            self._terminate(Failure())
+            return
+        # Only frames that parse count as activity.
+        self.resetTimeout()
+        # A stream the client resets in the same bytes that opened it never reaches the
+        # resource (Rapid Reset: no upstream work is started and then cancelled for it).
+        reset_now = {e.stream_id for e in events if isinstance(e, h2.events.StreamReset)}
+        for event in events:
+            if self._closed or not self._stillProducing:
+                # An earlier event ended the connection (GOAWAY): Twisted went on starting
+                # requests, which reached the upstream and answered into a closed connection.
+                break
+            if isinstance(event, h2.events.RequestReceived) and event.stream_id in reset_now:
+                continue
+            self._dispatch(event)
+        self._tryToWriteControlData()
         # A new SETTINGS_INITIAL_WINDOW_SIZE resizes every stream window without any
         # WINDOW_UPDATE event, and Twisted ignores RemoteSettingsChanged.
         if (
@@ -165,10 +250,137 @@ class ProxyH2Connection(H2Connection):
         ):
             self._replan_streams(list(self.streams))
 
+    def _dispatch(self, event: h2.events.Event) -> None:
+        """Hand one h2 event to its handler, as Twisted's C{dataReceived} does."""
+        if isinstance(event, h2.events.RequestReceived):
+            self._requestReceived(event)
+        elif isinstance(event, h2.events.DataReceived):
+            self._requestDataReceived(event)
+        elif isinstance(event, h2.events.StreamEnded):
+            self._requestEnded(event)
+        elif isinstance(event, h2.events.StreamReset):
+            self._requestAborted(event)
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._handleWindowUpdate(event)
+        elif isinstance(event, h2.events.PriorityUpdated):
+            self._handlePriorityUpdate(event)
+        elif isinstance(event, StreamRejected):
+            self._stream_rejected(event)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._close_transport()
+            self.connectionLost(
+                Failure(ConnectionLost("Remote peer sent GOAWAY")), _cancelTimeouts=False
+            )
+
+    def _stream_rejected(self, event: StreamRejected) -> None:
+        """A stream h2 reset on its own (see L{h2streams}): log it, and forget its request."""
+        self._log.info(
+            "HTTP/2 stream {stream} from {client} reset ({error_code}): {reason}",
+            stream=event.stream_id,
+            client=self._peer_host(),
+            error_code=event.error_code.name,
+            reason=event.reason,
+        )
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.connectionLost(Failure(ConnectionLost(event.reason)))
+            self._requestDone(event.stream_id)
+
     @override
     def _requestReceived(self, event: h2.events.RequestReceived) -> None:
+        """Start a request, unless this proxy answers it here (L{_refusal_for})."""
+        error = self._refusal_for(event.headers)
+        if error is not None:
+            self._refuse(event.stream_id, error, _header(event.headers, b"x-request-id"))
+            return
         super()._requestReceived(event)
         self._queued_bytes[event.stream_id] = 0
+        self._body_received[event.stream_id] = 0
+        if event.stream_ended is None:
+            self._watch_body(event.stream_id)
+        cap = self._body_cap(event.stream_id)
+        # A content-length over the cap (the request noted it): answer before any DATA.
+        if cap is not None and getattr(self._request_of(event.stream_id), "body_too_large", False):
+            self._refuse(
+                event.stream_id, BodyTooLarge.over(cap), _header(event.headers, b"x-request-id")
+            )
+
+    def _refusal_for(self, headers: list[tuple[bytes, bytes]]) -> ProxyError | None:
+        """
+        The error a request head gets here, before Twisted's request is made, if any.
+
+        A head over C{max_headers} or C{max_header_bytes} gets 431, as over HTTP/1.1.
+        C{CONNECT} (a tunnel: C{:authority} and no C{:path}, which h2 accepts) is refused:
+        Twisted's request would crash on the missing path, taking the connection down.
+        """
+        fields = sum(1 for name, _ in headers if not name.startswith(b":"))
+        size = sum(len(name) + len(value) for name, value in headers)
+        if fields > self.max_headers or size > self.max_header_bytes:
+            return HeadersTooLarge(
+                f"the request head is over {self.max_headers} header fields or "
+                f"{self.max_header_bytes} bytes"
+            )
+        method = _header(headers, b":method")
+        if method == b"CONNECT" or _header(headers, b":path") is None:
+            return MethodNotAllowed(
+                f"{(method or b'?').decode('latin-1')} is not supported: this is not a "
+                "forward proxy",
+                allow=FORWARDED_ALLOW,
+            )
+        return None
+
+    def _refuse(self, stream_id: int, error: ProxyError, given_id: bytes | None) -> None:
+        """
+        Answer one stream with C{error} and forget it; the connection and its other streams
+        carry on. Nothing of the stream's request reaches the resource (a Twisted request
+        already made for it is told its client went away).
+
+        @param given_id: the client's C{x-request-id}, if any (used if sane).
+        """
+        request_id = request_id_for(given_id)
+        self._log.info(
+            "{status} {code} for HTTP/2 stream {stream} from {client} ({request_id}): {message}",
+            status=error.status,
+            code=error.code,
+            stream=stream_id,
+            client=self._peer_host(),
+            request_id=request_id.decode("ascii"),
+            message=error.message,
+        )
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.connectionLost(Failure(ConnectionLost(error.message)))
+            self._requestDone(stream_id)
+        self._answer(stream_id, error, request_id)
+        self._tryToWriteControlData()
+
+    def _answer(self, stream_id: int, error: ProxyError, request_id: bytes) -> None:
+        """
+        Send C{error} on a stream at once, then RST_STREAM(NO_ERROR) if the client has not
+        finished sending its request: RFC 9113 section 8.1 lets a server answer before the
+        request is complete and so ask the client to stop sending it.
+
+        The answer bypasses the priority queue (no response of the stream is under way). If
+        the client's window is too small for it, the stream is only reset (CANCEL): waiting
+        for the window would hold the stream open for the client.
+        """
+        h2_stream = self.conn.streams.get(stream_id)
+        if h2_stream is None or h2_stream.closed:
+            return
+        head, body = early_error_h2(error, request_id)
+        if self._window(stream_id) < len(body):
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            return
+        self.conn.send_headers(stream_id, head)
+        self.conn.send_data(stream_id, body, end_stream=True)
+        if not h2_stream.closed:
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+    def _peer_host(self) -> str:
+        """The client's address for log events."""
+        transport: Any = self.transport
+        peer = transport.getPeer() if transport is not None else None
+        return str(getattr(peer, "host", "?"))
 
     @property
     def _closed(self) -> bool:
@@ -197,12 +409,81 @@ class ProxyH2Connection(H2Connection):
         moves no request forward (CVE-2019-9518). Past L{MAX_EMPTY_DATA_FRAMES} on one
         connection it is closed with GOAWAY ENHANCE_YOUR_CALM.
         """
+        if event.stream_id not in self.streams:
+            # A stream answered here, or reset by the client in the same read: its DATA
+            # still counts against the connection window (h2 closed the stream, so this
+            # acknowledges the connection only).
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
+        if self._over_body_cap(event):
+            # Answered (413) and reset: acknowledge on the connection window only.
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
         if not event.data and event.stream_ended is None:
             self._empty_data_frames += 1
             if self._empty_data_frames > MAX_EMPTY_DATA_FRAMES:
                 self._calm_down("too many empty DATA frames")
                 return
         super()._requestDataReceived(event)
+
+    def _watch_body(self, stream_id: int) -> None:
+        """
+        Give a request body the HTTP/1.1 body deadline: no DATA on the stream for the idle
+        timeout and it gets 408 (L{_body_stalled}). The connection's idle timer cannot do it:
+        any frame (a PING) re-arms it, so one stalled upload held its stream for ever.
+        """
+        if self.timeOut is None:
+            return
+        self._body_watches[stream_id] = StallWatch(
+            self._reactor,
+            self.timeOut,
+            lambda: self._body_received.get(stream_id),
+            lambda: self._body_stalled(stream_id),
+        )
+
+    def _body_stalled(self, stream_id: int) -> None:
+        """A request body stopped coming: 408 on its stream, which is then reset."""
+        self._body_watches.pop(stream_id, None)
+        if stream_id not in self.streams:
+            return
+        given = self._request_of(stream_id).requestHeaders.getRawHeaders(b"x-request-id")
+        error = RequestTimeout(f"no request data for {self.timeOut:g}s: request timed out")
+        self._refuse(stream_id, error, given[0] if given else None)
+
+    def _stop_body_watch(self, stream_id: int) -> None:
+        watch = self._body_watches.pop(stream_id, None)
+        if watch is not None:
+            watch.cancel()
+
+    def _request_of(self, stream_id: int) -> IRequest:
+        """The Twisted request of an open stream."""
+        request: IRequest = self.streams[stream_id]._request
+        return request
+
+    def _body_cap(self, stream_id: int) -> int | None:
+        """The request body cap of an open stream's request (L{ProxyRequest}), if any."""
+        cap = getattr(self._request_of(stream_id), "max_body_bytes", None)
+        return cap if isinstance(cap, int) else None
+
+    def _over_body_cap(self, event: h2.events.DataReceived) -> bool:
+        """
+        Count a stream's request body, and answer the stream with 413 once it goes over the
+        cap: at once (RFC 9113 section 8.1 allows answering an incomplete request), with
+        RST_STREAM(NO_ERROR) after it so that the client stops sending, instead of granting
+        window for the rest of a body that is thrown away and answering at its end.
+
+        @return: whether the stream was answered.
+        """
+        stream_id = event.stream_id
+        received = self._body_received[stream_id] = self._body_received.get(stream_id, 0) + len(
+            event.data
+        )
+        cap = self._body_cap(stream_id)
+        if cap is None or received <= cap:
+            return False
+        given = self._request_of(stream_id).requestHeaders.getRawHeaders(b"x-request-id")
+        self._refuse(stream_id, BodyTooLarge.over(cap), given[0] if given else None)
+        return True
 
     def _calm_down(self, why: str) -> None:
         """End the connection with GOAWAY ENHANCE_YOUR_CALM."""
@@ -215,10 +496,69 @@ class ProxyH2Connection(H2Connection):
         self._terminate(Failure(ConnectionLost(why)))
 
     @override
+    def _terminate(self, reason: Failure) -> None:
+        """
+        End the connection after a GOAWAY (sent, or queued in h2 by a protocol error): write
+        it and whatever control frames are held back, then really close (RFC 9113 section
+        5.4.1), giving up after C{abortTimeout} on a client that does not read.
+
+        Twisted's own (C{_tryToWriteControlData}, C{loseConnection}) stays the transport's
+        producer, and a TLS transport closes only once its producer is gone (TCP's resumes a
+        paused producer instead of closing): the connection was held until the idle timeout
+        plus C{abortTimeout}. It also held the GOAWAY back while the transport was paused.
+        """
+        transport = self.transport
+        assert transport is not None
+        held = [*self._bufferedControlFrames, self.conn.data_to_send()]
+        self._bufferedControlFrames.clear()
+        self._bufferedControlFrameBytes = 0
+        transport.write(b"".join(held))
+        self._close_transport()
+        self.connectionLost(reason, _cancelTimeouts=False)
+        if self._abortingCall is None and self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    def _close_transport(self) -> None:
+        """Close the transport once what was written is sent (see L{_terminate})."""
+        transport: Any = self.transport
+        # The channel switch registers this connection as the transport's producer (a test
+        # transport may have none: it would refuse to unregister nothing).
+        if getattr(transport, "producer", self) is not None:
+            transport.unregisterProducer()
+        transport.loseConnection()
+
+    @override
     def _requestEnded(self, event: h2.events.StreamEnded) -> None:
-        if event.stream_id in self.streams:
-            self._request_complete.add(event.stream_id)
+        if event.stream_id not in self.streams:
+            return  # answered here (see _refuse)
+        self._stop_body_watch(event.stream_id)
         super()._requestEnded(event)
+
+    @override
+    def _requestAborted(self, event: h2.events.StreamReset) -> None:
+        """A client's RST_STREAM; one for a stream answered here still counts as a reset."""
+        if event.stream_id in self.streams:
+            super()._requestAborted(event)
+        else:
+            self._spend_reset_token()
+
+    def _spend_reset_token(self) -> None:
+        """
+        Twisted's token bucket against Rapid Reset (CVE-2023-44487), for a reset of a stream
+        Twisted does not know (its own C{_requestAborted} needs the stream): refill for the
+        time elapsed, spend one token, and close the connection with GOAWAY
+        ENHANCE_YOUR_CALM when none is left.
+        """
+        now = self._reactor.seconds()
+        elapsed = max(0.0, now - self._resetTokenTimestamp)
+        self._resetTokens = min(
+            self._resetTokenBurst, self._resetTokens + elapsed * self._resetTokenRate
+        )
+        self._resetTokenTimestamp = now
+        if self._resetTokens < 1:
+            self._calm_down("too many stream resets")
+        else:
+            self._resetTokens -= 1
 
     @override
     def _handleWindowUpdate(self, event: h2.events.WindowUpdated) -> None:
@@ -231,6 +571,27 @@ class ProxyH2Connection(H2Connection):
             self._replan_streams(list(self.streams))
 
     # Response data from the streams.
+
+    @override
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Any, streamID: int
+    ) -> None:
+        """
+        Send a response head; into a connection closed by a GOAWAY, drop it instead (Twisted
+        let h2's error out: a critical traceback) and cancel the stream's exchange, as for a
+        client that went away, once this write has returned.
+        """
+        if self._closed:
+            self._reactor.callLater(0, self._forget_stream, streamID)
+            return
+        super().writeHeaders(version, code, reason, headers, streamID)
+
+    def _forget_stream(self, stream_id: int) -> None:
+        """Tell a stream's request its client is gone, and drop the stream."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.connectionLost(Failure(ConnectionLost("the HTTP/2 connection is closed")))
+            self._requestDone(stream_id)
 
     @override
     def writeDataToStream(self, streamID: int, data: bytes) -> None:
@@ -300,8 +661,12 @@ class ProxyH2Connection(H2Connection):
     def abortRequest(self, streamID: int) -> None:
         """
         Reset a stream whose response is cut short with INTERNAL_ERROR: Twisted resets with
-        NO_ERROR, which some clients take for a normal end of a body under way.
+        NO_ERROR, which some clients take for a normal end of a body under way. Nothing is
+        sent once the connection is closed (GOAWAY).
         """
+        if self._closed:
+            self._forget_stream(streamID)
+            return
         self.conn.reset_stream(streamID, h2.errors.ErrorCodes.INTERNAL_ERROR)
         if self._tryToWriteControlData():
             self._requestDone(streamID)
@@ -312,8 +677,9 @@ class ProxyH2Connection(H2Connection):
         if tail is not None:
             tail.cancel()
         self._queued_bytes.pop(streamID, None)
+        self._body_received.pop(streamID, None)
+        self._stop_body_watch(streamID)
         self._above_high_water.discard(streamID)
-        self._request_complete.discard(streamID)
         super()._requestDone(streamID)
 
     @override
@@ -332,7 +698,7 @@ class ProxyH2Connection(H2Connection):
         """
         reset = False
         for _ in range(self.frames_per_turn):
-            if not self._stillProducing:
+            if not self._stillProducing or self._closed:
                 return
             try:
                 stream_id: int = next(self.priority)
@@ -392,9 +758,10 @@ class ProxyH2Connection(H2Connection):
         """
         Time the connection out, unless its open streams are all waiting on this server.
 
-        A stream waits on the client while part of its request is still to come, or while
-        response bytes are queued for it (the send loop resets the timer on every frame, so
-        queued bytes after a full idle period mean the client stopped reading).
+        A stream waits on the client while response bytes are queued for it (the send loop
+        resets the timer on every frame, so queued bytes after a full idle period mean the
+        client stopped reading). A stream whose request body is still to come has its own
+        deadline (L{_watch_body}), answered with 408 on that stream.
         """
         if self.streams and not self._waiting_on_client():
             self._log.debug(
@@ -405,18 +772,17 @@ class ProxyH2Connection(H2Connection):
             self.setTimeout(self.timeOut)
             return
         super().timeoutConnection()
+        # Twisted's sends GOAWAY but keeps the streams, whose responses would then be
+        # written into a closed connection, and stays the transport's producer.
+        self._close_transport()
+        self.connectionLost(Failure(ConnectionLost("idle timeout")), _cancelTimeouts=False)
 
     # Helpers.
 
     def _waiting_on_client(self) -> bool:
         """Whether any open stream is stalled on the client (see L{timeoutConnection})."""
-        for stream_id, stream in self.streams.items():
-            if self._queued_bytes.get(stream_id, 0) > 0:
-                return True
-            # A stream paused by the application is not reading the rest of its request.
-            if stream_id not in self._request_complete and stream.producing:
-                return True
-        return False
+        # A request body still coming has its own deadline (L{_watch_body}).
+        return any(self._queued_bytes.get(stream_id, 0) > 0 for stream_id in self.streams)
 
     def _window(self, stream_id: int) -> int:
         """How many bytes the client lets us send on a stream now (0 once h2 closed it)."""
@@ -479,6 +845,14 @@ class ProxyH2Connection(H2Connection):
             sending.callback(None)
 
 
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of a (lower-case) header C{name} in an h2 header list, if any."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
     """
     Twisted's HTTP/1.1-or-HTTP/2 switch, building a L{ProxyH2Connection} on ALPN C{h2}.
@@ -496,17 +870,24 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
         reactor: IReactorTime,
         stream_high_water: int = DEFAULT_STREAM_HIGH_WATER,
         send_timeout: float | None = None,
+        *,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
         """
         @param channel: the HTTP/1.1 channel to start with, not yet connected.
         @param reactor: passed to the L{ProxyH2Connection}.
         @param stream_high_water: passed to the L{ProxyH2Connection}.
         @param send_timeout: passed to the L{ProxyH2Connection}.
+        @param max_headers: passed to the L{ProxyH2Connection}.
+        @param max_header_bytes: passed to the L{ProxyH2Connection}.
         """
         super().__init__(channel)
         self._reactor = reactor
         self._stream_high_water = stream_high_water
         self._send_timeout = send_timeout
+        self._max_headers = max_headers
+        self._max_header_bytes = max_header_bytes
         self._refused = False
 
     @override
@@ -554,7 +935,11 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
 
         transport = channel.transport
         connection = ProxyH2Connection(
-            self._reactor, self._stream_high_water, send_timeout=self._send_timeout
+            self._reactor,
+            self._stream_high_water,
+            send_timeout=self._send_timeout,
+            max_headers=self._max_headers,
+            max_header_bytes=self._max_header_bytes,
         )
         connection.requestFactory = self._requestFactory
         connection.site = self._site
@@ -598,8 +983,9 @@ class ProxySite(Site):
             paused; see L{ProxyH2Connection}.
         @param idle_timeout: seconds without traffic before a connection is closed; an HTTP/2
             connection whose streams are all waiting on this server is kept.
-        @param max_headers: passed to each L{ProxyHTTPChannel} (HTTP/1.1).
-        @param max_header_bytes: passed to each L{ProxyHTTPChannel}.
+        @param max_headers: passed to each L{ProxyHTTPChannel} (HTTP/1.1) and
+            L{ProxyH2Connection}.
+        @param max_header_bytes: passed to each L{ProxyHTTPChannel} and L{ProxyH2Connection}.
         @param header_timeout: passed to each L{ProxyHTTPChannel}.
         @param max_connections: client connections held at once (see L{ConnectionLimit}).
         @param send_timeout: how long a finished HTTP/2 response may wait on a client that
@@ -617,6 +1003,8 @@ class ProxySite(Site):
         self.stream_high_water = stream_high_water
         self.send_timeout = send_timeout
         self.connections = ConnectionLimit(max_connections, reactor)
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
         self._h1_options: dict[str, Any] = {
             "max_headers": max_headers,
             "max_header_bytes": max_header_bytes,
@@ -633,7 +1021,12 @@ class ProxySite(Site):
             return Refusal(self.reactor, self.connections.limit)
         channel = ProxyHTTPChannel(self.reactor, **self._h1_options)
         protocol = ProxyHTTPChannelSwitch(
-            channel, self.reactor, self.stream_high_water, self.send_timeout
+            channel,
+            self.reactor,
+            self.stream_high_water,
+            self.send_timeout,
+            max_headers=self.max_headers,
+            max_header_bytes=self.max_header_bytes,
         )
         protocol.factory = self
         protocol.callLater = self.reactor.callLater

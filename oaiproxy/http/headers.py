@@ -17,6 +17,8 @@ from twisted.web.http_headers import Headers, _nameEncoder
 from oaiproxy.errors import InvalidRequest
 
 __all__ = [
+    "FORWARDED_ALLOW",
+    "FORWARDED_METHODS",
     "HOP_BY_HOP",
     "add_checked",
     "connection_named",
@@ -41,6 +43,10 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+
+#: The methods forwarded upstream; any other is answered 405, with C{Allow: FORWARDED_ALLOW}.
+FORWARDED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+FORWARDED_ALLOW = b", ".join(sorted(FORWARDED_METHODS))
 
 # Recomputed or set by the proxy itself on the way up.
 _NOT_FORWARDED_UP = frozenset(

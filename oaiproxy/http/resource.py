@@ -29,16 +29,15 @@ from oaiproxy.errors import (
     NotFound,
     ProxyError,
 )
-from oaiproxy.http.early import early_error_response, new_request_id, reason_phrase
+from oaiproxy.http.early import early_error_response, reason_phrase, request_id_for
 from oaiproxy.http.exchange import Exchange
 from oaiproxy.http.forwarder import Forwarder
-from oaiproxy.http.headers import is_valid_value
+from oaiproxy.http.headers import FORWARDED_ALLOW, FORWARDED_METHODS, is_valid_value
 
 __all__ = ["ProxyRequest", "ProxyResource", "request_factory", "write_error"]
 
 log = Logger()
 
-_REQUEST_ID_MAX = 200
 # Printable ASCII without space: what a request target may hold once written as HTTP/1.1.
 _TARGET_OK = bytes(range(0x21, 0x7F))
 
@@ -124,8 +123,9 @@ class ProxyRequest(server.Request):
     A request whose body is capped at C{max_body_bytes}.
 
     Over HTTP/1.1 a body known (or found) to be over the cap is answered with 413 at once and
-    the connection is closed, before more of it is read; over HTTP/2 the rest of the stream is
-    discarded as it arrives and 413 is the answer.
+    the connection is closed, before more of it is read; over HTTP/2 the connection answers
+    the stream with 413 at once and resets it (L{oaiproxy.http.h2fix.ProxyH2Connection}),
+    reading C{max_body_bytes} and C{body_too_large} here.
     """
 
     max_body_bytes: ClassVar[int] = 32 * 1024 * 1024
@@ -181,7 +181,7 @@ class ProxyRequest(server.Request):
         transport = getattr(channel, "transport", None)
         if transport is not None and hasattr(channel, "_networkProducer"):
             # HTTP/1.1: answer now and close, rather than read a body we will not use.
-            error = _too_large_error(self.max_body_bytes)
+            error = BodyTooLarge.over(self.max_body_bytes)
             transport.write(early_error_response(error, _request_id(self)))
             transport.loseConnection()
             self.answered_early = True
@@ -192,20 +192,13 @@ def request_factory(max_body_bytes: int) -> type[ProxyRequest]:
     return type("ProxyRequest", (ProxyRequest,), {"max_body_bytes": max_body_bytes})
 
 
-def _too_large_error(cap: int) -> BodyTooLarge:
-    return BodyTooLarge(f"request body is larger than the limit of {cap} bytes")
-
-
 def _request_id(request: server.Request) -> bytes:
     """The client's C{x-request-id} if it is sane, else a new one (stored for reuse)."""
     existing: bytes | None = getattr(request, "_oaiproxy_request_id", None)
     if existing is not None:
         return existing
     given = request.requestHeaders.getRawHeaders(b"x-request-id")
-    if given and 0 < len(given[0]) <= _REQUEST_ID_MAX and _printable(given[0]):
-        request_id = given[0]
-    else:
-        request_id = new_request_id()
+    request_id = request_id_for(given[0] if given else None)
     request._oaiproxy_request_id = request_id  # type: ignore[attr-defined]
     return request_id
 
@@ -239,10 +232,6 @@ def write_error(request: server.Request, error: ProxyError) -> None:
         headers.setRawHeaders(b"allow", [error.allow])
     request.write(body)
     request.finish()
-
-
-#: The methods forwarded upstream; any other is answered 405 (with C{Allow}).
-FORWARDED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 
 
 def _shown(method: bytes) -> str:
@@ -329,7 +318,7 @@ class ProxyResource(Resource):
         if getattr(request, "answered_early", False):
             return server.NOT_DONE_YET  # the connection is closing after its 413
         if getattr(request, "body_too_large", False):
-            raise _too_large_error(self._limits.max_body_bytes)
+            raise BodyTooLarge.over(self._limits.max_body_bytes)
         path = request.path
         if not path.startswith(b"/") or not _printable(request.uri):
             raise InvalidRequest("invalid request target")
@@ -348,7 +337,7 @@ class ProxyResource(Resource):
             # here; methods are case-sensitive, so "get" is not GET.
             raise MethodNotAllowed(
                 f"{_shown(method)} is not allowed on {path.decode('latin-1')[:200]}",
-                allow=b", ".join(sorted(FORWARDED_METHODS)),
+                allow=FORWARDED_ALLOW,
             )
         for _, values in request.requestHeaders.getAllRawHeaders():
             for value in values:

@@ -110,7 +110,13 @@ def h2_server(
     send_timeout: float | None = None,
 ) -> tuple[ProxyH2Connection, StringTransport]:
     """A connected L{ProxyH2Connection}, set up as the channel switch does."""
-    connection = ProxyH2Connection(clock, stream_high_water=high_water, send_timeout=send_timeout)
+    connection = ProxyH2Connection(
+        clock,
+        stream_high_water=high_water,
+        send_timeout=send_timeout,
+        max_headers=site.max_headers,
+        max_header_bytes=site.max_header_bytes,
+    )
     connection.requestFactory = site.requestFactory
     connection.site = site
     connection.factory = site
