@@ -53,6 +53,7 @@ __all__ = [
     "SELF_SIGNED_KEY",
     "ensure_self_signed",
     "listener_endpoint",
+    "openssl_reasons",
     "server_context_factory",
     "upstream_tls_options",
 ]
@@ -248,6 +249,15 @@ def _self_signed(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
+
+
+def openssl_reasons(error: BaseException) -> list[str]:
+    """
+    The reasons in an C{OpenSSL.SSL.Error} (e.g. C{certificate verify failed}, C{wrong
+    version number}): pyOpenSSL gives a list of (library, function, reason) triples.
+    """
+    details = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    return [str(e[-1]) for e in details if isinstance(e, tuple) and e]
 
 
 def ensure_self_signed(

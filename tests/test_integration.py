@@ -23,8 +23,10 @@ import httpx2
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
 from oaiproxy.config import Deadlines, Limits, UpstreamConfig
@@ -786,6 +788,35 @@ class LocalAnswerTests(TestCase):
         proxy = start_proxy(self, [self.mock.upstream()])
         response = await _get(f"{proxy.http_url}/foo")
         _assert_openai_error(self, response, 404, "invalid_request_error", "not_found")
+        self.assert_not_forwarded()
+
+    async def test_plain_http_on_the_tls_port(self) -> None:
+        """
+        Plain HTTP on the TLS port is closed at once, with one info line saying why (and no
+        traceback), and nothing forwarded.
+        """
+        proxy = start_proxy(self, [self.mock.upstream()])
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+        def call() -> bytes:
+            with socket.create_connection(("127.0.0.1", proxy.tls_port), timeout=30) as s:
+                s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                while chunk := s.recv(4096):
+                    answer += chunk
+                return answer
+
+        await _in_thread(call)
+
+        def logged() -> list[str]:
+            return [
+                formatEvent(e) for e in observer if "TLS handshake" in (e.get("log_format") or "")
+            ]
+
+        await wait_for(lambda: bool(logged()), "the log line")
+        (line,) = logged()
+        self.assertTrue(line.startswith("TLS handshake with 127.0.0.1 failed: "), line)
+        self.assertEqual([e for e in observer if e.get("log_failure")], [])
         self.assert_not_forwarded()
 
     async def test_healthz(self) -> None:

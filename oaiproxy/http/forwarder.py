@@ -58,7 +58,7 @@ from oaiproxy.http.headers import connection_named, upstream_request_headers
 from oaiproxy.http.nodelay import set_no_delay
 from oaiproxy.http.responsehead import parse_head
 from oaiproxy.http.sendnow import sender
-from oaiproxy.tls import upstream_tls_options
+from oaiproxy.tls import openssl_reasons, upstream_tls_options
 
 __all__ = ["BytesProducer", "DeadlineEndpoint", "Forwarder", "build_agents", "map_failure"]
 
@@ -375,8 +375,7 @@ def _tls_failure(exc: BaseException) -> str | None:
     if isinstance(exc, VerificationError | CertificateError):
         return "the certificate does not name the upstream's host"
     if isinstance(exc, SSL.Error):
-        # OpenSSL's errors are lists of (library, function, reason) triples.
-        details = [str(e[-1]) for e in (exc.args[0] if exc.args else []) if isinstance(e, tuple)]
+        details = openssl_reasons(exc)
         if any("certificate verify failed" in d for d in details):
             return "the certificate could not be verified (an unknown CA? see ca= in the docs)"
         return ", ".join(details) or "TLS error"

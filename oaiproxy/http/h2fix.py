@@ -84,6 +84,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import priority
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -115,6 +116,7 @@ from oaiproxy.http.h1 import (
 from oaiproxy.http.h2streams import RefusingH2Connection, StreamRejected
 from oaiproxy.http.headers import FORWARDED_ALLOW
 from oaiproxy.http.stall import StallWatch
+from oaiproxy.tls import openssl_reasons
 
 __all__ = [
     "DEFAULT_STREAM_HIGH_WATER",
@@ -917,6 +919,14 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
     @override
     def connectionLost(self, reason: Failure) -> None:
         """Pass the loss to the channel, and give the site's connection slot back."""
+        if self._negotiatedProtocol is None and reason.check(SSL.Error):
+            # Nothing got past TLS: garbage, plain HTTP on the TLS port, a failed handshake.
+            transport = self._channel.transport
+            self._log.info(
+                "TLS handshake with {client} failed: {reason}",
+                client=getattr(transport.getPeer(), "host", "?") if transport else "?",
+                reason=", ".join(openssl_reasons(reason.value or SSL.Error())) or "TLS error",
+            )
         try:
             self._channel.connectionLost(reason)
         finally:
