@@ -14,7 +14,7 @@ import json
 
 import h2.errors
 import h2.settings
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, RstStreamFrame
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
@@ -32,6 +32,16 @@ from tests.test_h2_relay import JSON_HEADERS, H2ProxyTestCase
 _NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
 _PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
 _INITIAL_WINDOW_SIZE = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
+
+
+def _frame_types(data: bytes) -> list[int]:
+    """The types of the HTTP/2 frames in C{data} (no preface)."""
+    types = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        types.append(data[3])
+        data = data[9 + length :]
+    return types
 
 
 class _Hardening(H2ProxyTestCase):
@@ -185,6 +195,49 @@ class CloseAfterGoawayTests(_Hardening):
         self.assertTrue(response.socket.stopped)
 
 
+class ClientGoawayTests(_Hardening):
+    """
+    A GOAWAY from the client ends the connection: h2 sends nothing after it, so the streams
+    in flight are cancelled (their upstream requests stopped) and the transport closed.
+    """
+
+    def test_goaway_closes_the_connection(self) -> None:
+        """A stream forwarded upstream, then the client's GOAWAY: closed, upstream stopped."""
+        connection, transport, client = self.connect()
+        client.request(b"GET", path=b"/v1/models")
+        self.turn()
+        (sent,) = self.h.sent()
+        client.h2.close_connection()
+        client.send()
+        self.turn()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(connection.streams, {})
+        self.assertTrue(sent.cancelled)
+
+    def test_no_408_after_goaway(self) -> None:
+        """A body cut short by the client's GOAWAY gets no 408 later (nor a traceback)."""
+        _, transport, client = self.connect()
+        stream = client.request(
+            b"POST",
+            path=b"/v1/embeddings",
+            headers=[*JSON_HEADERS, (b"content-length", b"14")],
+            end_stream=False,
+        )
+        client.h2.send_data(stream, b'{"in')
+        client.send()
+        self.turn()
+        client.h2.close_connection()
+        client.send()
+        self.turn()
+        self.assertTrue(transport.disconnecting)
+        transport.clear()
+        self.h.clock.advance(61)
+        self.h.clock.advance(61)
+        # At most Twisted's idle GOAWAY into the closed transport: no HEADERS (no 408).
+        self.assertNotIn(0x1, _frame_types(transport.value()))
+        self.assertEqual(self.h.sent(), [])
+
+
 class MalformedStreamTests(_Hardening):
     """
     A malformed request (RFC 9113 section 8.1.1) gets RST_STREAM(PROTOCOL_ERROR) on its own
@@ -324,6 +377,50 @@ class MalformedStreamTests(_Hardening):
         self.assertTrue(transport.disconnecting)
         closing = [e for e in self.log if "closing an HTTP/2 connection" in e["log_format"]]
         self.assertEqual(len(closing), 1)
+
+
+class TrailersTests(_Hardening):
+    """A body ended by trailers is checked against its content-length too."""
+
+    def test_short_body_ended_by_trailers_reset(self) -> None:
+        """content-length 100, 2 bytes of DATA, then trailers: PROTOCOL_ERROR, not forwarded."""
+        connection, _, client = self.connect()
+        stream = client.request(
+            b"POST",
+            path=b"/v1/embeddings",
+            headers=[*JSON_HEADERS, (b"content-length", b"100")],
+            end_stream=False,
+        )
+        client.h2.send_data(stream, b"{}")
+        client.send()
+        trailers = HeadersFrame(stream)
+        trailers.flags.add("END_HEADERS")
+        trailers.flags.add("END_STREAM")
+        trailers.data = client.h2.encoder.encode([(b"x-trailer", b"1")])
+        connection.dataReceived(trailers.serialize())
+        self.turn()
+        client.receive()
+        self.assertEqual(self.h.sent(), [])
+        self.assertEqual(client.reset_codes[stream], h2.errors.ErrorCodes.PROTOCOL_ERROR)
+
+    def test_whole_body_with_trailers_forwarded(self) -> None:
+        """The same with the whole body: forwarded (trailers are not, as over HTTP/1.1)."""
+        connection, _, client = self.connect()
+        stream = client.request(
+            b"POST",
+            path=b"/v1/embeddings",
+            headers=[*JSON_HEADERS, (b"content-length", b"2")],
+            end_stream=False,
+        )
+        client.h2.send_data(stream, b"{}")
+        client.send()
+        trailers = HeadersFrame(stream)
+        trailers.flags.add("END_HEADERS")
+        trailers.flags.add("END_STREAM")
+        trailers.data = client.h2.encoder.encode([(b"x-trailer", b"1")])
+        connection.dataReceived(trailers.serialize())
+        self.turn()
+        self.assertEqual([sent.body for sent in self.h.sent()], [b"{}"])
 
 
 class BodyCapTests(_Hardening):
@@ -520,6 +617,27 @@ class RapidResetTests(_Hardening):
         self.pairs(client, 50)
         self.turn()
         client.receive()
+        self.assertEqual(self.h.sent(), [])
+        self.assert_still_serves(client)
+
+    def test_end_and_reset_in_one_read(self) -> None:
+        """
+        A request's last DATA (END_STREAM) and its RST_STREAM in one read: the request is
+        not run (it was, and its answer raised out of h2 for the forgotten stream), and the
+        connection serves on.
+        """
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]  # annotated for unittest.TestCase
+        connection, _, client = self.connect()
+        stream = client.request(b"POST", path=b"/nope", headers=JSON_HEADERS, end_stream=False)
+        self.turn()
+        data = DataFrame(stream)
+        data.data = b"{}"
+        data.flags.add("END_STREAM")
+        reset = RstStreamFrame(stream)
+        reset.error_code = h2.errors.ErrorCodes.CANCEL
+        connection.dataReceived(data.serialize() + reset.serialize())
+        self.turn()
+        self.assertEqual([e for e in log if "log_failure" in e], [])
         self.assertEqual(self.h.sent(), [])
         self.assert_still_serves(client)
 

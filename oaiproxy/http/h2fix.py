@@ -132,6 +132,16 @@ DEFAULT_STREAM_HIGH_WATER: Final = 256 * 1024
 """Bytes of response data queued per HTTP/2 stream before its producer is paused."""
 
 
+#: The events of a request, dropped for a stream reset in the same bytes (the reset itself is
+#: still handled).
+_REQUEST_EVENTS = (
+    h2.events.RequestReceived,
+    h2.events.DataReceived,
+    h2.events.StreamEnded,
+    h2.events.TrailersReceived,
+)
+
+
 class ProxyH2Connection(H2Connection):
     """
     One server-side HTTP/2 connection: Twisted's, with bounded, spin-free sending.
@@ -232,15 +242,29 @@ class ProxyH2Connection(H2Connection):
             return
         # Only frames that parse count as activity.
         self.resetTimeout()
+        terminated = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        if terminated:
+            # The client sent GOAWAY: h2 will send nothing more on this connection, so no
+            # request in these bytes can be answered. The connection is lost.
+            self._dispatch(terminated[0])
+            return
         # A stream the client resets in the same bytes that opened it never reaches the
         # resource (Rapid Reset: no upstream work is started and then cancelled for it).
+        # Likewise the rest of a request the client resets in the same bytes that end it: its
+        # DATA is credited to the connection window only, and only the reset is handled.
         reset_now = {e.stream_id for e in events if isinstance(e, h2.events.StreamReset)}
         for event in events:
             if self._closed or not self._stillProducing:
-                # An earlier event ended the connection (GOAWAY): Twisted went on starting
+                # An earlier event ended the connection (our GOAWAY): Twisted went on starting
                 # requests, which reached the upstream and answered into a closed connection.
                 break
-            if isinstance(event, h2.events.RequestReceived) and event.stream_id in reset_now:
+            if getattr(event, "stream_id", None) in reset_now and isinstance(
+                event, _REQUEST_EVENTS
+            ):
+                if isinstance(event, h2.events.DataReceived):
+                    self.conn.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
                 continue
             self._dispatch(event)
         self._tryToWriteControlData()
@@ -367,7 +391,7 @@ class ProxyH2Connection(H2Connection):
         for the window would hold the stream open for the client.
         """
         h2_stream = self.conn.streams.get(stream_id)
-        if h2_stream is None or h2_stream.closed:
+        if self._closed or h2_stream is None or h2_stream.closed:
             return
         head, body = early_error_h2(error, request_id)
         if self._window(stream_id) < len(body):
@@ -583,7 +607,10 @@ class ProxyH2Connection(H2Connection):
         let h2's error out: a critical traceback) and cancel the stream's exchange, as for a
         client that went away, once this write has returned.
         """
-        if self._closed:
+        h2_stream = self.conn.streams.get(streamID)
+        if self._closed or h2_stream is None or h2_stream.closed:
+            # Or into a stream h2 has closed (reset) and may have forgotten already: Twisted
+            # catches StreamClosedError, not StreamIDTooLowError for a forgotten one.
             self._reactor.callLater(0, self._forget_stream, streamID)
             return
         super().writeHeaders(version, code, reason, headers, streamID)

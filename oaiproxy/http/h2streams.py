@@ -114,6 +114,8 @@ class RefusingH2Connection(h2.connection.H2Connection):
         # Take an excess stream in as h2 would (decoding its headers), then reset it.
         self._admitting_over_limit = over_limit
         self._headers_accepted_for = None
+        # h2 re-reads the content-length from trailers (finding none): keep the request's.
+        declared = self._declared_length(stream_id)
         try:
             frames, events = super()._receive_headers_frame(frame)
         except h2.exceptions.StreamClosedError:
@@ -138,7 +140,34 @@ class RefusingH2Connection(h2.connection.H2Connection):
                 "a content-length other than 0 on a request without a body",
             )
             return [*frames, *reset], [*_other_streams(events, stream_id), *rejected]
+        if (
+            _ends_with_trailers(events)
+            and declared is not None
+            and declared != self._body_length(stream_id)
+        ):
+            reset, rejected = self._reject(
+                stream_id,
+                h2.errors.ErrorCodes.PROTOCOL_ERROR,
+                "the body ended (by trailers) short of its content-length",
+            )
+            return [*frames, *reset], [*_other_streams(events, stream_id), *rejected]
         return frames, events
+
+    def _declared_length(self, stream_id: int) -> int | None:
+        """
+        The content-length a stream's request declared, if any. h2 compares it with the
+        body only at a DATA frame that ends the stream, not when trailers end it (and it
+        re-reads the length from the trailers). h2 4.4.1's private C{_expected_content_length}.
+        """
+        declared: int | None = getattr(
+            self.streams.get(stream_id), "_expected_content_length", None
+        )
+        return declared
+
+    def _body_length(self, stream_id: int) -> int:
+        """The body bytes a stream has received (h2 4.4.1's C{_actual_content_length})."""
+        received: int = getattr(self.streams.get(stream_id), "_actual_content_length", 0)
+        return received
 
     def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         try:
@@ -164,6 +193,14 @@ class RefusingH2Connection(h2.connection.H2Connection):
 def _other_streams(events: list[Any], stream_id: int) -> list[Any]:
     """The events not about C{stream_id}."""
     return [e for e in events if getattr(e, "stream_id", None) != stream_id]
+
+
+def _ends_with_trailers(events: list[Any]) -> bool:
+    """Whether a header block is trailers that end their stream."""
+    return any(
+        isinstance(event, h2.events.TrailersReceived) and event.stream_ended is not None
+        for event in events
+    )
 
 
 def _ends_short(events: list[Any]) -> bool:
