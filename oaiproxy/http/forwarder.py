@@ -228,8 +228,9 @@ class _ProxyClientParser(HTTPClientParser):
     @override
     def allHeadersReceived(self) -> None:
         """Twisted's, once the headers the upstream's C{Connection} names are dropped."""
-        for name in connection_named(self.connHeaders):
-            self.headers.removeHeader(name)
+        if self.connHeaders.hasHeader(b"connection"):
+            for name in connection_named(self.connHeaders):
+                self.headers.removeHeader(name)
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
 
 
