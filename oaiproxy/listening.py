@@ -22,9 +22,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-__all__ = ["Endpoint", "Listeners"]
+__all__ = ["CannotListen", "Endpoint", "Listeners"]
 
 log = Logger()
+
+
+class CannotListen(SystemExit, Exception):
+    """
+    An endpoint cannot listen: the start stops with this one-line message.
+
+    A L{SystemExit}, so that C{twistd -n} prints the message alone and exits with status 1;
+    an L{Exception} too, so that a daemonizing twistd (which forks before services start)
+    hands it to its parent through its status pipe, removes the pid file and exits 1,
+    rather than leaving the parent waiting.
+    """
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,7 @@ class Listeners(Service):
     """
     Listens with one factory on every endpoint when started; stops listening when stopped.
 
-    Starting raises L{SystemExit} with a message naming the address when an endpoint cannot
+    Starting raises L{CannotListen} with a message naming the address when an endpoint cannot
     listen, or does not say at once whether it can (Twisted's TCP, TLS and UNIX endpoints
     always say at once).
     """
@@ -109,5 +120,5 @@ class Listeners(Service):
             for port in ports:
                 port.stopListening()
             reason = "no answer from the endpoint" if result is None else result.getErrorMessage()
-            raise SystemExit(f"{self._name}: cannot listen on {endpoint.where}: {reason}")
+            raise CannotListen(f"{self._name}: cannot listen on {endpoint.where}: {reason}")
         self.ports = ports

@@ -143,6 +143,8 @@ class RetryAfterTests(SynchronousTestCase):
             ({b"retry-after": [b"0"]}, None),
             ({b"retry-after": [b"soon"]}, None),
             ({b"retry-after-ms": [b"nan"]}, None),
+            ({b"retry-after-ms": [b"soon"], b"retry-after": [b"5"]}, 5.0),
+            ({b"retry-after-ms": [b"-1"], b"retry-after": [b"5"]}, 5.0),
             ({b"retry-after": [b"Tue, 14 Nov 2023 22:00:00 GMT"]}, None),
             ({}, None),
         ):

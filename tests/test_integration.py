@@ -421,12 +421,26 @@ class HeaderTests(TestCase):
         self.assertNotIn("proxy-status", response.headers)
 
     async def test_invalid_upstream_status_502(self) -> None:
-        """A status code that is not three digits is not HTTP: 502, never relayed."""
-        raw = start_raw_upstream(self, b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\n{}")
+        """A status code that is not three digits from 100 to 599 is not HTTP: 502."""
+        for status in (b"2000", b"099", b"000", b"600"):
+            raw = start_raw_upstream(
+                self, b"HTTP/1.1 %s OK\r\nContent-Length: 2\r\n\r\n{}" % status
+            )
+            proxy = start_proxy(self, [raw])
+            response = await _post(f"{proxy.http_url}/v1/embeddings", b"{}")
+            self.assertEqual(response.status_code, 502, status)
+            self.assertEqual(set(response.json()["error"]), _ERROR_KEYS)
+
+    async def test_connection_naming_no_header_ignored(self) -> None:
+        """A Connection value that is not a header name names nothing: the answer is relayed."""
+        raw = start_raw_upstream(
+            self,
+            b'HTTP/1.1 200 OK\r\nConnection: "x-hop", x y\r\nContent-Type: application/json'
+            b"\r\nContent-Length: 2\r\n\r\n{}",
+        )
         proxy = start_proxy(self, [raw])
         response = await _post(f"{proxy.http_url}/v1/embeddings", b"{}")
-        self.assertEqual(response.status_code, 502)
-        self.assertEqual(set(response.json()["error"]), _ERROR_KEYS)
+        self.assertEqual((response.status_code, response.content), (200, b"{}"))
 
     async def test_client_key_passes_without_key_env(self) -> None:
         """Without key_env the client's Authorization reaches the upstream unchanged."""

@@ -121,3 +121,28 @@ class TwistdTests(SynchronousTestCase):
         self.assertEqual(done.returncode, 1, output)
         self.assertIn(f"oaiproxy: cannot listen on 127.0.0.1:{port}", output)
         self.assertNotIn("listening on", output.replace("cannot listen on", ""))
+        self.assertNotIn("Traceback", output)
+
+    def test_port_taken_daemon_exits_with_a_message(self) -> None:
+        """
+        The same without -n: twistd forks before the listeners start, and its parent, which
+        waits on the child's word, exits 1 with the message; the pid file is removed.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        work = Path(self.mktemp())
+        work.mkdir()
+        pidfile = work / "twistd.pid"
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+        argv += [f"--pidfile={pidfile}", f"--logfile={work / 'twistd.log'}", "oaiproxy"]
+        argv += ["--listen", f"tcp:{port}:interface=127.0.0.1"]
+        argv += ["--upstream", "http://127.0.0.1:9/v1"]
+        env = dict(os.environ, PYTHONPATH=str(_REPO))
+        done = subprocess.run(argv, check=False, capture_output=True, timeout=60, env=env)
+        output = (done.stdout + done.stderr).decode("utf-8", "replace")
+        self.assertEqual(done.returncode, 1, output)
+        self.assertIn("cannot listen on 127.0.0.1", output)
+        self.assertFalse(pidfile.exists())

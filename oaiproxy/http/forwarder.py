@@ -54,7 +54,7 @@ from oaiproxy.errors import (
     UpstreamProtocolError,
 )
 from oaiproxy.http.chunked import ChunkedDecoder
-from oaiproxy.http.headers import connection_named, upstream_request_headers
+from oaiproxy.http.headers import connection_named, is_valid_name, upstream_request_headers
 from oaiproxy.http.nodelay import set_no_delay
 from oaiproxy.http.responsehead import parse_head
 from oaiproxy.http.sendnow import sender
@@ -219,9 +219,10 @@ class _ProxyClientParser(HTTPClientParser):
 
     @override
     def statusReceived(self, status: bytes) -> None:
-        """A status code is three digits (RFC 9110 15); anything else is not HTTP (502)."""
+        """A status code is three digits, 100 to 599 (RFC 9110 15); else it is no HTTP (502)."""
         parts = status.split(b" ", 2)
-        if len(parts) < 2 or len(parts[1]) != 3 or not parts[1].isdigit():
+        code = parts[1] if len(parts) >= 2 else b""
+        if len(code) != 3 or not code.isdigit() or not b"100" <= code <= b"599":
             raise ParseError("invalid status code", status)
         super().statusReceived(status)  # type: ignore[no-untyped-call]
 
@@ -230,7 +231,8 @@ class _ProxyClientParser(HTTPClientParser):
         """Twisted's, once the headers the upstream's C{Connection} names are dropped."""
         if self.connHeaders.hasHeader(b"connection"):
             for name in connection_named(self.connHeaders):
-                self.headers.removeHeader(name)
+                if is_valid_name(name):  # a name that is no token names no header
+                    self.headers.removeHeader(name)
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
 
 

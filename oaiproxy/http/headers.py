@@ -110,22 +110,33 @@ def retry_after(headers: Headers, now: float) -> float | None:
 
     @param now: the current time, in seconds since the epoch, for an HTTP date.
     """
-    seconds: float | None = None
     millis = headers.getRawHeaders(b"retry-after-ms")
     value = headers.getRawHeaders(b"retry-after")
+    seconds = _retry_after_ms(millis[0]) if millis else None
+    if seconds is None and value:
+        seconds = _retry_after(value[0], now)
+    return None if seconds is None else min(seconds, MAX_RETRY_AFTER)
+
+
+def _retry_after_ms(value: bytes) -> float | None:
+    """C{retry-after-ms}: positive milliseconds, as seconds; else C{None}."""
     try:
-        if millis:
-            seconds = float(millis[0]) / 1000
-        elif value and value[0].strip().isdigit():
-            seconds = float(value[0])
-        elif value:
-            when = parsedate_to_datetime(value[0].decode("latin-1"))
-            seconds = when.timestamp() - now
+        seconds = float(value) / 1000
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None  # NaN is not > 0
+
+
+def _retry_after(value: bytes, now: float) -> float | None:
+    """C{Retry-After}: positive seconds, or an HTTP date after C{now}; else C{None}."""
+    try:
+        if value.strip().isdigit():
+            seconds = float(value)
+        else:
+            seconds = parsedate_to_datetime(value.decode("latin-1")).timestamp() - now
     except (ValueError, TypeError, IndexError, OverflowError):
         return None
-    if seconds is None or not seconds > 0:  # NaN included
-        return None
-    return min(seconds, MAX_RETRY_AFTER)
+    return seconds if seconds > 0 else None
 
 
 def connection_named(headers: Headers) -> frozenset[bytes]:
