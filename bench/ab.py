@@ -7,6 +7,7 @@ hides changes of a few percent.
     /work/venv/bin/python bench/ab.py instructions TREE [--requests N]
         [--protocol http1|http1-tls|h2]
     /work/venv/bin/python bench/ab.py chunk-instructions TREE
+    /work/venv/bin/python bench/ab.py bursts A_TREE B_TREE [--rounds R]
 
 C{latency}: one mock upstream and two proxies, one from each source tree (e.g. a
 C{git worktree} of an older commit, and this checkout). Both proxies are pinned to the same
@@ -28,6 +29,12 @@ arriving in a read of its own (the mock sends one every 20 ms, over plain HTTP/1
 difference between runs of 60 streams of 60 events and 60 streams of 10 events, divided by
 the 3,000 extra events. The per-stream cost cancels out.
 
+C{bursts}: measurement 5 of C{bench/run.py} (200 streams of 200 events 10 ms apart, all
+started at once) for two source trees, one burst to each in turn (and one direct to the mock
+first), for C{--rounds} rounds, alternating which goes first: the median time to first token
+and the proxy's CPU per burst, each. Bursts vary by ±50% from one to the next here; the
+interleaving makes a slow spell hit both.
+
 Every process started here is stopped by its own PID.
 """
 
@@ -44,6 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import h2.config
@@ -53,7 +61,8 @@ import h2.events
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench.procs import REPO, Child, _spawn, free_port, wait_for_port
+from bench.procs import REPO, Child, _spawn, cpu_seconds, free_port, wait_for_port
+from bench.streams import run_streams
 
 _BODY = json.dumps(
     {"model": "mock-gpt", "messages": [{"role": "user", "content": "Say hello."}]}
@@ -74,7 +83,8 @@ def _env(tree: Path) -> dict[str, str]:
 
 def _mock(workdir: Path, port: int, cpu: str) -> Child:
     argv = ["taskset", "-c", cpu, sys.executable, "-m", "oaiproxy.mock"]
-    argv += ["--listen", f"tcp:{port}:interface=127.0.0.1", "--name", "ab"]
+    # Backlog 511, as bench/procs.py gives it: 200 connects at once overflow Twisted's 50.
+    argv += ["--listen", f"tcp:{port}:interface=127.0.0.1:backlog=511", "--name", "ab"]
     child = _spawn("mock", argv, workdir, _env(REPO))
     wait_for_port(port, proc=child.proc)
     return child
@@ -287,6 +297,50 @@ def latency(a: Path, b: Path, requests: int, rounds: int, protocol: str = "http1
     return 0
 
 
+def bursts(a: Path, b: Path, rounds: int) -> int:
+    """Interleaved 200-stream bursts to direct, A and B (see the module docstring)."""
+    workdir = Path(tempfile.mkdtemp(prefix="oaiproxy-ab-"))
+    mock_port = free_port()
+    children: list[Child] = []
+    try:
+        children.append(_mock(workdir, mock_port, "0-1"))
+        proxies: list[tuple[str, int, Child]] = []
+        for name, tree in (("A", a), ("B", b)):
+            port = free_port()
+            child = _proxy(
+                name, tree, workdir, port=port, upstream=mock_port, cpu="0-1", tls=False
+            )
+            children.append(child)
+            proxies.append((name, port, child))
+        for port in (mock_port, *(port for _, port, _ in proxies)):
+            run_streams(port, streams=50, chunks=5, chunk_size=8, delay_ms=10, timeout=30)
+        ttft: dict[str, list[float]] = {"direct": [], "A": [], "B": []}
+        cpu: dict[str, list[float]] = {"A": [], "B": []}
+        print(f"A = {a}\nB = {b}")
+        for r in range(rounds):
+            burst = partial(
+                run_streams, streams=200, chunks=200, chunk_size=8, delay_ms=10, timeout=60
+            )
+            ttft["direct"].append(burst(mock_port).ttft(50))
+            for name, port, child in proxies if r % 2 == 0 else proxies[::-1]:
+                before = cpu_seconds(child.pid)
+                run = burst(port)
+                if run.completed != run.streams:
+                    raise RuntimeError(f"{name}: {run.completed}/{run.streams} streams done")
+                cpu[name].append(cpu_seconds(child.pid) - before)
+                ttft[name].append(run.ttft(50))
+        for name, values in ttft.items():
+            line = f"{name}: TTFT p50 per burst {[round(v) for v in values]} ms, median "
+            line += f"{statistics.median(values):.1f} ms"
+            if name in cpu:
+                line += f"; CPU per burst, median {statistics.median(cpu[name]):.2f} s"
+            print(line)
+    finally:
+        for child in reversed(children):
+            child.stop()
+    return 0
+
+
 _WARM_UP = 50
 
 
@@ -369,7 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--protocol", choices=("http1", "http1-tls", "h2"), default="http1")
     chunks = sub.add_parser("chunk-instructions", help="instructions per streamed event")
     chunks.add_argument("tree", type=Path)
+    burst = sub.add_parser("bursts", help="interleaved 200-stream bursts of two source trees")
+    burst.add_argument("a", type=Path)
+    burst.add_argument("b", type=Path)
+    burst.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args(argv)
+    if args.mode == "bursts":
+        return bursts(args.a.resolve(), args.b.resolve(), args.rounds)
     if args.mode == "chunk-instructions":
         return chunk_instructions(args.tree.resolve())
     if args.mode == "latency":
