@@ -719,6 +719,28 @@ class RefusalOverH2Tests(SynchronousTestCase):
         self.assertEqual(goaway.last_stream_id, first)
         self.assertTrue(transport.disconnecting)
 
+    def test_h2_client_without_request_gets_goaway(self) -> None:
+        """
+        An h2 client that sends no request gets GOAWAY naming stream 0 (nothing was
+        processed) when the refusal's time is up, then the connection is aborted if it stays.
+        """
+        refusal, transport = self.refusal(b"h2")
+        clock = refusal._clock
+        assert isinstance(clock, MemoryReactorClock)
+        client = H2Client(refusal, transport)
+        client.h2.initiate_connection()
+        client.send()
+        client.receive()
+        self.assertEqual(client.terminated, [])
+        clock.advance(5)
+        client.receive()
+        (goaway,) = client.terminated
+        self.assertEqual((goaway.error_code, goaway.last_stream_id), (_NO_ERROR, 0))
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        clock.advance(1)
+        self.assertTrue(transport.disconnected)
+
     def test_http11_over_tls_gets_http11_503(self) -> None:
         """ALPN http/1.1 (or none): the HTTP/1.1 503, after the handshake."""
         for negotiated in (b"http/1.1", None):

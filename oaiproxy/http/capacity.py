@@ -95,11 +95,25 @@ class Refusal(Protocol):
 
     @override
     def connectionMade(self) -> None:
-        transport: Any = self.transport
-        self._abort_call = self._clock.callLater(REFUSAL_ABORT, transport.abortConnection)
+        self._abort_call = self._clock.callLater(REFUSAL_ABORT, self._time_up)
         # Over TLS, which protocol to answer in is known once the handshake is done.
-        if not ISSLTransport.providedBy(transport):
+        if not ISSLTransport.providedBy(self.transport):
             self._answer_http1()
+
+    def _time_up(self) -> None:
+        """
+        The connection is still open after REFUSAL_ABORT. An HTTP/2 client that sent no
+        request gets GOAWAY with last stream 0 (nothing was processed: it may retry elsewhere
+        or later), and a second more to close; anything else is aborted.
+        """
+        transport: Any = self.transport
+        if self._h2 is not None:
+            self._h2.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=0)
+            self._close_h2()
+            self._abort_call = self._clock.callLater(1.0, transport.abortConnection)
+            return
+        self._abort_call = None
+        transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
         """The TLS handshake is done: answer in the protocol ALPN chose."""
