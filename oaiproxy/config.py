@@ -75,8 +75,8 @@ class Limits:
         whose body stops arriving for this long gets 408 (HTTP/1.1).
     @ivar header_timeout: seconds from the first byte of an HTTP/1.1 request head to its end
         (408 after that: slowloris).
-    @ivar max_headers: header fields allowed in an HTTP/1.1 request head (431 above).
-    @ivar max_header_bytes: bytes allowed in an HTTP/1.1 request head (431 above).
+    @ivar max_headers: header fields allowed in a request head, HTTP/1.1 or HTTP/2 (431 above).
+    @ivar max_header_bytes: bytes allowed in a request head, HTTP/1.1 or HTTP/2 (431 above).
     @ivar max_connections: client connections held at once; past it a new connection gets
         503 and is closed.
     @ivar max_attempts: upstreams tried for one request before giving up (failover bound).
