@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from oaiproxy.errors import TooManyConnections
 from oaiproxy.http.early import early_error_h2, early_error_response, new_request_id
+from oaiproxy.http.throttle import Throttle
 
 __all__ = ["ConnectionLimit", "Refusal"]
 
@@ -51,8 +52,7 @@ class ConnectionLimit:
         self.limit = limit
         self.open = 0
         self._clock = clock
-        self._refused_since_log = 0
-        self._last_log: float | None = None
+        self._refusals = Throttle(clock, _LOG_EVERY)
 
     def admit(self) -> bool:
         """Take a slot for a new connection; C{False} (and counted) when none is left."""
@@ -67,16 +67,13 @@ class ConnectionLimit:
         self.open -= 1
 
     def _refused(self) -> None:
-        self._refused_since_log += 1
-        now = self._clock.seconds()
-        if self._last_log is None or now - self._last_log >= _LOG_EVERY:
+        count = self._refusals.passes()
+        if count is not None:
             log.warn(
                 "refused {count} client connection(s): {limit} are open (max_connections)",
-                count=self._refused_since_log,
+                count=count,
                 limit=self.limit,
             )
-            self._refused_since_log = 0
-            self._last_log = now
 
 
 @implementer(IHandshakeListener)

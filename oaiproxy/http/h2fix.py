@@ -116,6 +116,7 @@ from oaiproxy.http.h1 import (
 from oaiproxy.http.h2streams import RefusingH2Connection, StreamRejected
 from oaiproxy.http.headers import FORWARDED_ALLOW
 from oaiproxy.http.stall import StallWatch
+from oaiproxy.http.throttle import Throttle
 from oaiproxy.tls import openssl_reasons
 
 __all__ = [
@@ -946,18 +947,27 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
     @override
     def connectionLost(self, reason: Failure) -> None:
         """Pass the loss to the channel, and give the site's connection slot back."""
-        if self._negotiatedProtocol is None and reason.check(SSL.Error):
+        site = self._site
+        if (
+            self._negotiatedProtocol is None
+            and reason.check(SSL.Error)
+            and isinstance(site, ProxySite)
+        ):
             # Nothing got past TLS: garbage, plain HTTP on the TLS port, a failed handshake.
-            transport = self._channel.transport
-            self._log.info(
-                "TLS handshake with {client} failed: {reason}",
-                client=getattr(transport.getPeer(), "host", "?") if transport else "?",
-                reason=", ".join(openssl_reasons(reason.value or SSL.Error())) or "TLS error",
-            )
+            # At most one line per 10 s (a scan of the port would flood the log).
+            count = site.tls_failures.passes()
+            if count is not None:
+                transport = self._channel.transport
+                self._log.info(
+                    "TLS handshake with {client} failed: {reason} ({count} since the last"
+                    " such line)",
+                    client=getattr(transport.getPeer(), "host", "?") if transport else "?",
+                    reason=", ".join(openssl_reasons(reason.value or SSL.Error())) or "TLS error",
+                    count=count,
+                )
         try:
             self._channel.connectionLost(reason)
         finally:
-            site = self._site
             if isinstance(site, ProxySite):
                 site.connections.release()
 
@@ -1040,6 +1050,7 @@ class ProxySite(Site):
         self.stream_high_water = stream_high_water
         self.send_timeout = send_timeout
         self.connections = ConnectionLimit(max_connections, reactor)
+        self.tls_failures = Throttle(reactor)
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
         self._h1_options: dict[str, Any] = {
