@@ -62,6 +62,13 @@ def _address(port: IListeningPort) -> str:
     return address if number is None else f"{address}:{number}"
 
 
+def _reason(failure: Failure) -> str:
+    """Why listening failed: the system's words (Twisted's message repeats the address)."""
+    socket_error = getattr(failure.value, "socketError", None)
+    strerror = getattr(socket_error, "strerror", None)
+    return str(strerror) if strerror else failure.getErrorMessage()
+
+
 class Listeners(Service):
     """
     Listens with one factory on every endpoint when started; stops listening when stopped.
@@ -119,6 +126,9 @@ class Listeners(Service):
                 continue
             for port in ports:
                 port.stopListening()
-            reason = "no answer from the endpoint" if result is None else result.getErrorMessage()
-            raise CannotListen(f"{self._name}: cannot listen on {endpoint.where}: {reason}")
+            reason = "no answer from the endpoint" if result is None else _reason(result)
+            message = f"{self._name}: cannot listen on {endpoint.where}: {reason}"
+            # Also in the log: a daemonizing twistd shows its parent only 100 bytes of it.
+            log.error("{message}", message=message)
+            raise CannotListen(message)
         self.ports = ports
