@@ -36,6 +36,12 @@ class ProxyError(Exception):
         self.param = param
         self.retry_after = retry_after
 
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The headers the error adds to its response (C{Retry-After} when it has one)."""
+        if self.retry_after is None:
+            return []
+        return [(b"retry-after", b"%d" % self.retry_after)]
+
     def body(self) -> dict[str, Any]:
         """The OpenAI-shaped error object: all four keys always present."""
         return {
@@ -107,6 +113,10 @@ class MethodNotAllowed(ProxyError):
     def __init__(self, message: str, *, allow: bytes) -> None:
         super().__init__(message)
         self.allow = allow
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """C{Allow}, with the base class's."""
+        return [*super().headers(), (b"allow", self.allow)]
 
 
 class BodyTooLarge(ProxyError):

@@ -6,7 +6,8 @@ This is an entry point: the only module besides C{proxy.tac} that touches the gl
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -25,6 +26,8 @@ from oaiproxy.service import build_service
 
 __all__ = ["Options", "config_from_options", "makeService"]
 
+_N = TypeVar("_N", int, float)
+
 _DEMO_LISTEN = ("tcp:8080:interface=127.0.0.1", "ssl:8443:selfsigned:interface=127.0.0.1")
 
 
@@ -38,20 +41,20 @@ def _seconds_or_none(options: Any, name: str) -> float | None:
 
 def _seconds(options: Any, name: str) -> float:
     """Option C{name} as seconds; L{ConfigError} naming the option otherwise."""
-    text = str(options[name])
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"--{name}: {text!r} is not a number of seconds") from None
+    return _number(options, name, float, "a number of seconds")
 
 
 def _whole(options: Any, name: str) -> int:
     """Option C{name} as a whole number; L{ConfigError} naming the option otherwise."""
+    return _number(options, name, int, "a whole number")
+
+
+def _number(options: Any, name: str, kind: Callable[[str], _N], what: str) -> _N:
     text = str(options[name])
     try:
-        return int(text)
+        return kind(text)
     except ValueError:
-        raise ConfigError(f"--{name}: {text!r} is not a whole number") from None
+        raise ConfigError(f"--{name}: {text!r} is not {what}") from None
 
 
 class Options(usage.Options):

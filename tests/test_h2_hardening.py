@@ -382,13 +382,13 @@ class MalformedStreamTests(_Hardening):
 class TrailersTests(_Hardening):
     """A body ended by trailers is checked against its content-length too."""
 
-    def test_short_body_ended_by_trailers_reset(self) -> None:
-        """content-length 100, 2 bytes of DATA, then trailers: PROTOCOL_ERROR, not forwarded."""
+    def body_then_trailers(self, length: bytes) -> tuple[H2Client, int]:
+        """A POST declaring C{length}, a 2-byte body, then trailers ending the stream."""
         connection, _, client = self.connect()
         stream = client.request(
             b"POST",
             path=b"/v1/embeddings",
-            headers=[*JSON_HEADERS, (b"content-length", b"100")],
+            headers=[*JSON_HEADERS, (b"content-length", length)],
             end_stream=False,
         )
         client.h2.send_data(stream, b"{}")
@@ -399,27 +399,18 @@ class TrailersTests(_Hardening):
         trailers.data = client.h2.encoder.encode([(b"x-trailer", b"1")])
         connection.dataReceived(trailers.serialize())
         self.turn()
+        return client, stream
+
+    def test_short_body_ended_by_trailers_reset(self) -> None:
+        """content-length 100, 2 bytes of DATA, then trailers: PROTOCOL_ERROR, not forwarded."""
+        client, stream = self.body_then_trailers(b"100")
         client.receive()
         self.assertEqual(self.h.sent(), [])
         self.assertEqual(client.reset_codes[stream], h2.errors.ErrorCodes.PROTOCOL_ERROR)
 
     def test_whole_body_with_trailers_forwarded(self) -> None:
         """The same with the whole body: forwarded (trailers are not, as over HTTP/1.1)."""
-        connection, _, client = self.connect()
-        stream = client.request(
-            b"POST",
-            path=b"/v1/embeddings",
-            headers=[*JSON_HEADERS, (b"content-length", b"2")],
-            end_stream=False,
-        )
-        client.h2.send_data(stream, b"{}")
-        client.send()
-        trailers = HeadersFrame(stream)
-        trailers.flags.add("END_HEADERS")
-        trailers.flags.add("END_STREAM")
-        trailers.data = client.h2.encoder.encode([(b"x-trailer", b"1")])
-        connection.dataReceived(trailers.serialize())
-        self.turn()
+        self.body_then_trailers(b"2")
         self.assertEqual([sent.body for sent in self.h.sent()], [b"{}"])
 
 

@@ -4,7 +4,7 @@ A pool: the upstreams of one route and the balancer that picks among them.
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 from oaiproxy.balancing.swrr import SmoothWeightedRoundRobin
@@ -47,17 +47,21 @@ class Pool:
         The next upstream whose name is not in C{exclude} and that is not cooling down at
         C{now}, or C{None}.
         """
-        cooling = self._cooling
-        if cooling:
-            for name in [n for n, until in cooling.items() if until <= now]:
-                del cooling[name]
-        return self._balancer.pick(lambda u: u.name not in exclude and u.name not in cooling)
+        return self._balancer.pick(self._usable(exclude, now))
 
     def any_left(self, exclude: Container[str] = (), now: float = 0.0) -> bool:
         """Whether L{pick} would find an upstream (without moving the balancer)."""
-        return any(
-            u.name not in exclude and self._cooling.get(u.name, now) <= now for u in self.upstreams
-        )
+        return any(map(self._usable(exclude, now), self.upstreams))
+
+    def _usable(self, exclude: Container[str], now: float) -> Callable[[Upstream], bool]:
+        """
+        Whether an upstream may be picked: not excluded, not cooling down at C{now} (the
+        cool-downs over by then are forgotten here).
+        """
+        cooling = self._cooling
+        for name in [n for n, until in cooling.items() if until <= now]:
+            del cooling[name]
+        return lambda u: u.name not in exclude and u.name not in cooling
 
     def cool_down(self, name: str, until: float) -> None:
         """Leave upstream C{name} out of picks until C{until} (clock seconds)."""

@@ -13,7 +13,7 @@ from http import HTTPStatus
 
 from twisted.web.http import RESPONSES
 
-from oaiproxy.errors import MethodNotAllowed, ProxyError
+from oaiproxy.errors import ProxyError
 
 __all__ = [
     "early_error_h2",
@@ -63,14 +63,14 @@ def early_error_response(error: ProxyError, request_id: bytes) -> bytes:
     """The bytes of an HTTP/1.1 response carrying C{error}, closing the connection."""
     body = error.to_json()
     reason = reason_phrase(error.status)
-    retry = b"" if error.retry_after is None else b"retry-after: %d\r\n" % error.retry_after
+    extra = b"".join(b"%s: %s\r\n" % pair for pair in error.headers())
     return (
         b"HTTP/1.1 %d %s\r\n"
         b"content-type: application/json\r\n"
         b"content-length: %d\r\n"
         b"x-request-id: %s\r\n"
         b"%sconnection: close\r\n\r\n%s"
-        % (error.status, reason, len(body), request_id, retry, body)
+        % (error.status, reason, len(body), request_id, extra, body)
     )
 
 
@@ -85,8 +85,4 @@ def early_error_h2(
         (b"content-length", b"%d" % len(body)),
         (b"x-request-id", request_id),
     ]
-    if error.retry_after is not None:
-        head.append((b"retry-after", b"%d" % error.retry_after))
-    if isinstance(error, MethodNotAllowed):
-        head.append((b"allow", error.allow))
-    return head, body
+    return [*head, *error.headers()], body

@@ -133,6 +133,8 @@ DEFAULT_STREAM_HIGH_WATER: Final = 256 * 1024
 """Bytes of response data queued per HTTP/2 stream before its producer is paused."""
 
 
+_CLOSED: Final = "the HTTP/2 connection is closed"
+
 #: The events of a request, dropped for a stream reset in the same bytes (the reset itself is
 #: still handled).
 _REQUEST_EVENTS = (
@@ -308,10 +310,7 @@ class ProxyH2Connection(H2Connection):
             error_code=event.error_code.name,
             reason=event.reason,
         )
-        stream = self.streams.get(event.stream_id)
-        if stream is not None:
-            stream.connectionLost(Failure(ConnectionLost(event.reason)))
-            self._requestDone(event.stream_id)
+        self._forget_stream(event.stream_id, event.reason)
 
     @override
     def _requestReceived(self, event: h2.events.RequestReceived) -> None:
@@ -374,10 +373,7 @@ class ProxyH2Connection(H2Connection):
             request_id=request_id.decode("ascii"),
             message=error.message,
         )
-        stream = self.streams.get(stream_id)
-        if stream is not None:
-            stream.connectionLost(Failure(ConnectionLost(error.message)))
-            self._requestDone(stream_id)
+        self._forget_stream(stream_id, error.message)
         self._answer(stream_id, error, request_id)
         self._tryToWriteControlData()
 
@@ -473,9 +469,8 @@ class ProxyH2Connection(H2Connection):
         self._body_watches.pop(stream_id, None)
         if stream_id not in self.streams:
             return
-        given = self._request_of(stream_id).requestHeaders.getRawHeaders(b"x-request-id")
         error = RequestTimeout(f"no request data for {self.timeOut:g}s: request timed out")
-        self._refuse(stream_id, error, given[0] if given else None)
+        self._refuse(stream_id, error, self._given_request_id(stream_id))
 
     def _stop_body_watch(self, stream_id: int) -> None:
         watch = self._body_watches.pop(stream_id, None)
@@ -486,6 +481,11 @@ class ProxyH2Connection(H2Connection):
         """The Twisted request of an open stream."""
         request: IRequest = self.streams[stream_id]._request
         return request
+
+    def _given_request_id(self, stream_id: int) -> bytes | None:
+        """The C{x-request-id} the client sent with an open stream's request, if any."""
+        given = self._request_of(stream_id).requestHeaders.getRawHeaders(b"x-request-id")
+        return given[0] if given else None
 
     def _body_cap(self, stream_id: int) -> int | None:
         """The request body cap of an open stream's request (L{ProxyRequest}), if any."""
@@ -508,8 +508,7 @@ class ProxyH2Connection(H2Connection):
         cap = self._body_cap(stream_id)
         if cap is None or received <= cap:
             return False
-        given = self._request_of(stream_id).requestHeaders.getRawHeaders(b"x-request-id")
-        self._refuse(stream_id, BodyTooLarge.over(cap), given[0] if given else None)
+        self._refuse(stream_id, BodyTooLarge.over(cap), self._given_request_id(stream_id))
         return True
 
     def _calm_down(self, why: str) -> None:
@@ -612,15 +611,15 @@ class ProxyH2Connection(H2Connection):
         if self._closed or h2_stream is None or h2_stream.closed:
             # Or into a stream h2 has closed (reset) and may have forgotten already: Twisted
             # catches StreamClosedError, not StreamIDTooLowError for a forgotten one.
-            self._reactor.callLater(0, self._forget_stream, streamID)
+            self._reactor.callLater(0, self._forget_stream, streamID, _CLOSED)
             return
         super().writeHeaders(version, code, reason, headers, streamID)
 
-    def _forget_stream(self, stream_id: int) -> None:
-        """Tell a stream's request its client is gone, and drop the stream."""
+    def _forget_stream(self, stream_id: int, why: str) -> None:
+        """Tell a stream's request (if any) its client is gone, and drop the stream."""
         stream = self.streams.get(stream_id)
         if stream is not None:
-            stream.connectionLost(Failure(ConnectionLost("the HTTP/2 connection is closed")))
+            stream.connectionLost(Failure(ConnectionLost(why)))
             self._requestDone(stream_id)
 
     @override
@@ -695,7 +694,7 @@ class ProxyH2Connection(H2Connection):
         sent once the connection is closed (GOAWAY).
         """
         if self._closed:
-            self._forget_stream(streamID)
+            self._forget_stream(streamID, _CLOSED)
             return
         self.conn.reset_stream(streamID, h2.errors.ErrorCodes.INTERNAL_ERROR)
         if self._tryToWriteControlData():

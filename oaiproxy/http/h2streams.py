@@ -128,30 +128,22 @@ class RefusingH2Connection(h2.connection.H2Connection):
             return self._reject(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR, str(error))
         finally:
             self._admitting_over_limit = False
+        protocol_error = h2.errors.ErrorCodes.PROTOCOL_ERROR
         if over_limit:
             self.refused_streams += 1
-            reason = "over SETTINGS_MAX_CONCURRENT_STREAMS"
-            reset, rejected = self._reject(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM, reason)
-            return [*frames, *reset], [*_other_streams(events, stream_id), *rejected]
-        if _ends_short(events):
-            reset, rejected = self._reject(
-                stream_id,
-                h2.errors.ErrorCodes.PROTOCOL_ERROR,
-                "a content-length other than 0 on a request without a body",
-            )
-            return [*frames, *reset], [*_other_streams(events, stream_id), *rejected]
-        if (
+            why = (h2.errors.ErrorCodes.REFUSED_STREAM, "over SETTINGS_MAX_CONCURRENT_STREAMS")
+        elif _ends_short(events):
+            why = (protocol_error, "a content-length other than 0 on a request without a body")
+        elif (
             _ends_with_trailers(events)
             and declared is not None
             and declared != self._body_length(stream_id)
         ):
-            reset, rejected = self._reject(
-                stream_id,
-                h2.errors.ErrorCodes.PROTOCOL_ERROR,
-                "the body ended (by trailers) short of its content-length",
-            )
-            return [*frames, *reset], [*_other_streams(events, stream_id), *rejected]
-        return frames, events
+            why = (protocol_error, "the body ended (by trailers) short of its content-length")
+        else:
+            return frames, events
+        reset, rejected = self._reject(stream_id, *why)
+        return [*frames, *reset], [*_other_streams(events, stream_id), *rejected]
 
     def _declared_length(self, stream_id: int) -> int | None:
         """

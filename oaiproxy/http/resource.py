@@ -226,10 +226,8 @@ def write_error(request: server.Request, error: ProxyError) -> None:
     headers.setRawHeaders(b"content-type", [b"application/json"])
     headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
     headers.setRawHeaders(b"x-request-id", [request_id])
-    if error.retry_after is not None:
-        headers.setRawHeaders(b"retry-after", [b"%d" % error.retry_after])
-    if isinstance(error, MethodNotAllowed):
-        headers.setRawHeaders(b"allow", [error.allow])
+    for name, value in error.headers():
+        headers.setRawHeaders(name, [value])
     request.write(body)
     request.finish()
 

@@ -36,13 +36,11 @@ def sender(transport: Any) -> Callable[[], None] | None:
     Twisted's buffering TLS transport over one. C{None} for any other transport (in-memory
     ones, HTTP/2 streams), which are left as they are.
     """
-    if isinstance(transport, tcp.Connection):
-        # TLS started on the connection itself (startTLS) is not handled.
-        return None if transport.TLS else partial(_send, transport)
-    if isinstance(transport, BufferingTLSTransport):
-        below = transport.transport
-        if isinstance(below, tcp.Connection) and not below.TLS:
-            return partial(_send_tls, transport, below)
+    if _plain_tcp(transport):
+        return partial(_send, transport)
+    below: Any = getattr(transport, "transport", None)
+    if isinstance(transport, BufferingTLSTransport) and _plain_tcp(below):
+        return partial(_send_tls, transport, below)
     return None
 
 
@@ -54,20 +52,38 @@ def writer(transport: Any) -> Callable[[bytes], None] | None:
     write); what the socket does not take is buffered by Twisted as usual. For a plain TCP
     connection only; C{None} for any other transport.
     """
-    if isinstance(transport, tcp.Connection) and not transport.TLS:
-        return partial(_write, transport)
-    return None
+    return partial(_write, transport) if _plain_tcp(transport) else None
 
 
-def _write(connection: tcp.Connection, data: bytes) -> None:
-    if (
+def _plain_tcp(transport: Any) -> bool:
+    """A TCP connection of Twisted's (TLS started on it with startTLS is not handled)."""
+    return isinstance(transport, tcp.Connection) and not transport.TLS
+
+
+log = Logger()
+
+# The connections being sent on now: a producer resumed inside a send started here may write
+# and send again; that send is left to the reactor.
+# (Inside a send the reactor started, one such send still runs, one level deep: doWrite
+# resumes its producer as its very last step.)
+_sending: set[int] = set()
+
+
+def _sendable(connection: tcp.Connection) -> bool:
+    """
+    Whether a connection may be sent on here: open, not being closed (only the reactor can
+    close it once its buffer is empty), and not being sent on already.
+    """
+    return bool(
         connection.connected
         and not connection.disconnecting
         and not connection._writeDisconnecting
-        and not connection.dataBuffer
-        and not connection._tempDataBuffer
         and id(connection) not in _sending
-    ):
+    )
+
+
+def _write(connection: tcp.Connection, data: bytes) -> None:
+    if _sendable(connection) and not (connection.dataBuffer or connection._tempDataBuffer):
         try:
             sent = connection.socket.send(data)
         except OSError:
@@ -80,15 +96,6 @@ def _write(connection: tcp.Connection, data: bytes) -> None:
     connection.write(data)
 
 
-log = Logger()
-
-# The connections being sent on now: a producer resumed inside a send started here may write
-# and send again; that send is left to the reactor.
-# (Inside a send the reactor started, one such send still runs, one level deep: doWrite
-# resumes its producer as its very last step.)
-_sending: set[int] = set()
-
-
 def _send(connection: tcp.Connection) -> None:
     """
     Send what C{connection} has buffered.
@@ -99,15 +106,9 @@ def _send(connection: tcp.Connection) -> None:
     from a producer resumed inside the send is logged and the connection aborted, as the
     reactor does, instead of reaching the caller.
     """
-    key = id(connection)
-    if (
-        key in _sending
-        or not connection.connected
-        or connection.disconnecting
-        or connection._writeDisconnecting
-        or not (connection.dataBuffer or connection._tempDataBuffer)
-    ):
+    if not _sendable(connection) or not (connection.dataBuffer or connection._tempDataBuffer):
         return
+    key = id(connection)
     _sending.add(key)
     try:
         connection.doWrite()
