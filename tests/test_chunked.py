@@ -1,4 +1,4 @@
-"""The chunked body decoder, alone and inside Twisted's upstream client protocol."""
+"""The chunked body decoder, alone and inside the upstream client."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import random
 from typing import Any
 
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web._newclient import Request, ResponseDone, ResponseFailed
+from twisted.web._newclient import ResponseDone, ResponseFailed
 from twisted.web.http import _ChunkedTransferDecoder, _DataLoss, _MalformedChunkedDataError
 from twisted.web.http_headers import Headers
 
@@ -19,7 +19,8 @@ from oaiproxy.http.chunked import (
     ChunkedDecoder,
     MalformedChunkedData,
 )
-from oaiproxy.http.forwarder import _ProxyClientProtocol
+from oaiproxy.http.client import UpstreamClient
+from tests.support.fakes import InstantEndpoint
 
 
 def _decoder() -> tuple[ChunkedDecoder, list[bytes], list[bytes]]:
@@ -259,16 +260,15 @@ class _Collect(Protocol):
 
 
 class ClientProtocolTests(SynchronousTestCase):
-    """The decoder is the one Twisted's client parser uses for upstream responses."""
+    """The decoder is the one the upstream client uses for chunked responses."""
 
     def _response(self, head: bytes) -> tuple[Any, StringTransport, _Collect]:
-        transport = StringTransport()
-        protocol = _ProxyClientProtocol()
-        protocol.makeConnection(transport)
-        request = Request._construct(
-            b"GET", b"/v1/models", Headers({b"host": [b"up"]}), None, persistent=True
+        endpoint = InstantEndpoint()
+        client = UpstreamClient(
+            MemoryReactorClock(), b"http://up", endpoint, idle_connections=4, keepalive=4.0
         )
-        d = protocol.request(request)
+        d = client.request(b"GET", b"http://up/v1/models", Headers({b"host": [b"up"]}))
+        protocol, transport = endpoint.connections[0]
         protocol.dataReceived(head)
         responses: list[Any] = []
         d.addCallback(responses.append)

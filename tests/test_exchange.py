@@ -580,7 +580,7 @@ class CancellationTests(SynchronousTestCase):
     """A client going away cancels the upstream request in every window."""
 
     def test_gone_while_connecting_or_waiting_headers(self) -> None:
-        """Before headers: the Agent's Deferred is cancelled."""
+        """Before headers: the upstream client's Deferred is cancelled."""
         h = make_harness()
         proto, _transport = h.send(post(b"/v1/embeddings", b"{}"))
         proto.connectionLost(Failure(ConnectionLost()))
@@ -615,29 +615,21 @@ class CancellationTests(SynchronousTestCase):
         self.assertEqual([c for c in pending if "Exchange" in repr(c)], [])
 
 
-class RealAgentCancellationTests(SynchronousTestCase):
-    """With Twisted's real Agent and pool: a client gone while connecting cancels the connect."""
+class RealClientCancellationTests(SynchronousTestCase):
+    """With the real upstream client: a client gone while connecting cancels the connect."""
 
     def test_gone_while_connecting(self) -> None:
         """The upstream connection attempt itself is cancelled, not just abandoned."""
-        from twisted.web.client import Agent, HTTPConnectionPool
-        from twisted.web.iweb import IAgentEndpointFactory
-        from zope.interface import implementer
-
+        from oaiproxy.http.client import UpstreamClient
         from oaiproxy.http.forwarder import Forwarder
         from tests.support.fakes import HangingEndpoint
 
         endpoint = HangingEndpoint()
-
-        @implementer(IAgentEndpointFactory)
-        class Endpoints:
-            def endpointForURI(self, uri: object) -> HangingEndpoint:
-                return endpoint
-
         h = make_harness()
-        pool = HTTPConnectionPool(h.clock, persistent=True)
-        agent = Agent.usingEndpointFactory(h.clock, Endpoints(), pool)
-        h.site.resource._forwarder = Forwarder({"a": agent}, pool)
+        client = UpstreamClient(
+            h.clock, b"http://a.invalid:9000", endpoint, idle_connections=4, keepalive=4.0
+        )
+        h.site.resource._forwarder = Forwarder({"a": client})
         proto, _ = h.send(post(b"/v1/embeddings", b"{}"))
         self.assertIsNotNone(endpoint.attempt)
         self.assertFalse(endpoint.cancelled)

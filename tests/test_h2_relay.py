@@ -130,7 +130,7 @@ class H2ResetTests(H2ProxyTestCase):
     """RST_STREAM cancels the upstream request in every window."""
 
     def test_reset_before_headers(self) -> None:
-        """Before the upstream answered: the Agent's Deferred is cancelled."""
+        """Before the upstream answered: the upstream client's Deferred is cancelled."""
         _, _, client = self.connect()
         stream = self.chat(client)
         client.reset_stream(stream)

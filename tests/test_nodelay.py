@@ -61,14 +61,20 @@ class SetNoDelayTests(SynchronousTestCase):
 
 
 class UpstreamConnectionTests(SynchronousTestCase):
-    """Twisted's HTTP client leaves Nagle on; the proxy's upstream connections turn it off."""
+    """Twisted's protocols leave Nagle on for clients; the proxy's upstream connections don't."""
 
     def test_upstream_protocol_sets_no_delay(self) -> None:
         """A new upstream connection gets TCP_NODELAY (through a TLS wrapper too)."""
-        from oaiproxy.http.forwarder import _ProxyClientProtocol
+        from twisted.internet.testing import MemoryReactorClock
 
+        from oaiproxy.http.client import UpstreamClient, _Connection
+        from tests.support.fakes import HangingEndpoint
+
+        client = UpstreamClient(
+            MemoryReactorClock(), b"http://u", HangingEndpoint(), idle_connections=1, keepalive=1
+        )
         for wrap in (False, True):
             tcp = FakeTCP()
-            protocol = _ProxyClientProtocol()
+            protocol = _Connection(client)
             protocol.makeConnection(Wrapper(tcp) if wrap else tcp)
             self.assertTrue(tcp.no_delay, f"wrapped={wrap}")

@@ -3,7 +3,7 @@ One request's upstream phases: pick an upstream, forward, fail over while nothin
 downstream, enforce the first-byte and total deadlines, and hand the response to the relay.
 
 A client that goes away cancels whatever is under way: the connection attempt, the wait for
-headers (cancelling the Agent's Deferred), or the body (stopping its transport).
+headers (cancelling the client's Deferred), or the body (stopping its transport).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocol, IPushProducer, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -42,6 +42,21 @@ class HangingEndpoint:
 
         self.attempt = Deferred(cancel)
         return self.attempt
+
+
+@implementer(IStreamClientEndpoint)
+class InstantEndpoint:
+    """An endpoint that connects at once, each protocol over a new L{StringTransport}."""
+
+    def __init__(self) -> None:
+        self.connections: list[tuple[Any, StringTransport]] = []
+
+    def connect(self, protocolFactory: Any) -> Deferred[IProtocol]:
+        protocol = protocolFactory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.connections.append((protocol, transport))
+        return succeed(protocol)
 
 
 @implementer(IPushProducer)
