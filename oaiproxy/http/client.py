@@ -684,6 +684,8 @@ class UpstreamClient:
                 raise ValueError("request bodies must be in memory")
             body = take()
             lines.append(b"Content-Length: %d\r\n" % len(body))
+        elif method in (b"POST", b"PUT"):
+            lines.append(b"Content-Length: 0\r\n")  # as Twisted's client: they expect a body
         if headers is not None:
             for name, values in headers.getAllRawHeaders():
                 for value in values:
