@@ -123,7 +123,8 @@ class _Head:
 def _find_head_end(data: bytes) -> tuple[int, int]:
     """Where the head in C{data} ends and its body starts, or C{(-1, -1)} if not there yet."""
     end = data.find(b"\r\n\r\n")
-    if end >= 0 and data.find(b"\n\n", 0, end) < 0:
+    # Unless a bare LF line end came first: an empty line (LF LF, or LF CRLF) before it.
+    if end >= 0 and data.find(b"\n\n", 0, end) < 0 and data.find(b"\n\r\n", 0, end + 2) < 0:
         return end, end + 4
     # Bare LF line ends (RFC 9112 2.2 lets a recipient take them): the first empty line.
     lf = data.find(b"\n\n")
@@ -383,7 +384,8 @@ class _Connection(Protocol):
         self._remaining = 0  # body bytes still to come, with a Content-Length
         self._decoder: ChunkedDecoder | None = None
         self._until_close = False
-        self._paused = False
+        self._paused = False  # by the body's reader
+        self._held = False  # until deliverBody (the read is paused if either is set)
         self._send_now: Callable[[], None] | None = None
         self.idle_since = 0.0
         self.lost: Deferred[None] | None = None
@@ -414,6 +416,15 @@ class _Connection(Protocol):
         self._call = None
         self.close()
 
+    def retire(self) -> None:
+        """Close this idle connection gracefully (it is healthy, just not needed)."""
+        if self._state >= _CLOSING:
+            return
+        self._state = _CLOSING
+        self._client._forget(self)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def close(self) -> None:
         """Close this connection at once: nothing more is wanted from it."""
         if self._state >= _CLOSING:
@@ -432,17 +443,29 @@ class _Connection(Protocol):
 
     def resume_body(self) -> None:
         self._paused = False
-        if self.transport is not None and self._state < _CLOSING:
+        if self.transport is not None and not self._held and self._state < _CLOSING:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _hold(self) -> None:
+        """The body has no reader yet: what came is kept, no more is read until deliverBody."""
+        self._held = True
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def stop_body(self) -> None:
         """The body's reader wants no more of it: the connection cannot be reused."""
         self.close()
 
     def body_wanted(self) -> None:
-        """deliverBody was called: read again, if waiting for it paused the socket."""
-        if self._paused and self._state == _BODY:
-            self.resume_body()
+        """
+        deliverBody was called: read again, if waiting for it paused the socket and the
+        body's reader did not pause it meanwhile (in its connectionMade or dataReceived).
+        """
+        if not self._held:
+            return
+        self._held = False
+        if not self._paused and self._state == _BODY and self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     # -- IProtocol -----------------------------------------------------------------------
 
@@ -505,8 +528,8 @@ class _Connection(Protocol):
             self._decoder = ChunkedDecoder(response.body_data, self._chunked_done)
         self._state = _BODY
         call.answered(response)
-        if self._response is not response:
-            return  # ended in the caller's callback (the body was discarded)
+        if self._response is not response or self._state >= _CLOSING:
+            return  # ended or stopped in the caller's callback (the body was discarded)
         if length == 0:
             if rest:
                 self._persistent = False  # more than the response holds
@@ -515,7 +538,7 @@ class _Connection(Protocol):
         if rest:
             self._body(rest)
         if self._response is response and response.waiting:
-            self.pause_body()  # until deliverBody: what came is kept, no more is read
+            self._hold()
 
     def _body(self, data: bytes) -> None:
         response = self._response
@@ -552,7 +575,9 @@ class _Connection(Protocol):
         """The whole body arrived: end its delivery, then pool or close the connection."""
         response, self._response = self._response, None
         self._decoder = None
-        if not self._persistent:
+        if self._state >= _CLOSING:
+            pass  # stopped by the body's reader as its last bytes arrived: not to be pooled
+        elif not self._persistent:
             self._state = _CLOSING
             self._client._forget(self)
             if self.transport is not None:
@@ -563,7 +588,8 @@ class _Connection(Protocol):
             response.body_end(Failure(ResponseDone()))
         if self._state != _IDLE or self._call is not None:
             return  # closed, or already reused, in the body's callback
-        if self._paused:
+        if self._paused or self._held:
+            self._held = False
             self.resume_body()  # an idle connection is read, to see the upstream close it
         self._client._put_idle(self)
 
@@ -649,6 +675,7 @@ class UpstreamClient:
         # Idle connections, oldest first.
         self._idle: list[_Connection] = []
         self._sweep_call: IDelayedCall | None = None
+        self._closed = False
 
     def request(
         self,
@@ -699,6 +726,7 @@ class UpstreamClient:
 
     def close(self) -> Deferred[None]:
         """Close the idle connections (on shutdown); fires once they are closed."""
+        self._closed = True
         if self._sweep_call is not None and self._sweep_call.active():
             self._sweep_call.cancel()
         self._sweep_call = None
@@ -707,7 +735,7 @@ class UpstreamClient:
             d: Deferred[None] = Deferred()
             connection.lost = d
             waits.append(d)
-            connection.close()
+            connection.retire()
         self._idle.clear()
         done: Deferred[Any] = DeferredList(waits)
         return done.addCallback(lambda _: None)
@@ -726,15 +754,18 @@ class UpstreamClient:
         expired = [connection, *idle]
         idle.clear()
         for c in expired:
-            c.close()
+            c.retire()
         return None
 
     def _put_idle(self, connection: _Connection) -> None:
-        if len(self._idle) >= self._max_idle:
-            connection.close()
+        idle = self._idle
+        if self._closed or not self._max_idle:
+            connection.retire()  # shut down (a request that finished after close()), or no pool
             return
+        if len(idle) >= self._max_idle:
+            idle[0].retire()  # the oldest goes (it is the nearest to its keep-alive end)
         connection.idle_since = self._clock.seconds()
-        self._idle.append(connection)
+        idle.append(connection)
         if self._sweep_call is None:
             self._sweep_call = self._clock.callLater(self._keepalive, self._sweep)
 
@@ -749,7 +780,7 @@ class UpstreamClient:
         now = self._clock.seconds()
         idle = self._idle
         while idle and now - idle[0].idle_since >= self._keepalive:
-            idle.pop(0).close()
+            idle[0].retire()  # takes it out of the list
         if idle:
             wait = idle[0].idle_since + self._keepalive - now
             self._sweep_call = self._clock.callLater(wait, self._sweep)

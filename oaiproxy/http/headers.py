@@ -55,13 +55,13 @@ _NOT_FORWARDED_UP = frozenset(
 # Recomputed by the proxy on the way down (framing), or replaced by its own.
 _NOT_FORWARDED_DOWN = frozenset({b"content-length", b"server", b"date"})
 
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\r\n\x00]")
 
 
 def is_valid_name(name: bytes) -> bool:
     """Whether C{name} is an RFC 9110 token (what may be written as an HTTP/1.1 name)."""
-    return _TOKEN.match(name) is not None
+    return _TOKEN.fullmatch(name) is not None  # fullmatch: no final LF slips through
 
 
 def is_valid_value(value: bytes) -> bool:
