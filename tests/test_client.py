@@ -31,6 +31,7 @@ from zope.interface.verify import verifyObject
 from oaiproxy.errors import InvalidRequest, UpstreamConnectFailed, UpstreamProtocolError
 from oaiproxy.http.client import MAX_HEAD_BYTES, UpstreamClient, _Connection
 from oaiproxy.http.forwarder import BytesProducer
+from oaiproxy.http.headers import downstream_response_headers
 
 ORIGIN = b"http://upstream.test:8080"
 URL = ORIGIN + b"/v1/models"
@@ -1065,3 +1066,44 @@ class NoDelayTests(ClientCase):
         protocol = self.endpoint.attempts[0].succeed(tcp)
         self.assertTrue(tcp.no_delay)
         protocol.dataReceived(OK)
+
+
+class DownstreamFieldsTests(ClientCase):
+    """The fields the client finds for the relay are those downstream_response_headers gives."""
+
+    def test_same_as_downstream_response_headers(self) -> None:
+        """For assorted heads, both give the same client headers once stored."""
+        heads = [
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nServer: up\r\n"
+            b"Date: x\r\nx-ratelimit-remaining-requests: 9\r\nProxy-Foo: 1\r\n"
+            b"Keep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: X-Hop, close\r\nX-Hop: 1\r\nx-keep: 2\r\n"
+            b"X-Keep: 3\r\nSet-Cookie: a\r\nset-cookie: b\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: bad name, x-a\r\nX-A: 1\r\nUpgrade: h2c\r\n"
+            b"TE: trailers\r\nTrailer: x\r\nopenai-processing-ms: 12\r\nContent-Length: 0\r\n\r\n",
+        ]
+        for raw in heads:
+            response = self.accepted(raw)
+            fields = getattr(response, "downstream_fields", None)
+            assert fields is not None
+            mine, theirs = Headers(), Headers()
+            for name, value in fields:
+                mine.addRawHeader(name, value)
+            for name, value in downstream_response_headers(response.headers):
+                theirs.addRawHeader(name, value)
+            self.assertEqual(list(mine.getAllRawHeaders()), list(theirs.getAllRawHeaders()), raw)
+            self.assertNotEqual(list(mine.getAllRawHeaders()), [], raw)
+
+    def test_name_table_bounded(self) -> None:
+        """Distinct field names past the table's size are parsed all the same, not kept."""
+        from oaiproxy.http import client
+
+        self.patch(client, "_NAMES", {})
+        self.patch(client, "_MAX_NAMES", 3)
+        names = [b"X-Name-%d" % i for i in range(10)]
+        raw = b"HTTP/1.1 200 OK\r\n%sContent-Length: 0\r\n\r\n" % b"".join(
+            b"%s: v\r\n" % n for n in names
+        )
+        response = self.accepted(raw)
+        self.assertEqual(len(client._NAMES), 3)
+        self.assertEqual([n for n, _ in getattr(response, "downstream_fields", [])], names)

@@ -95,6 +95,24 @@ class UpstreamRequestHeadersTests(SynchronousTestCase):
         ):
             self.assertRaises(InvalidRequest, up, headers)
 
+    def test_bad_value_named_among_good_ones(self) -> None:
+        """The one scan of all values finds a NUL anywhere, and the error names its header."""
+        headers = Headers({b"x-a": [b"1", b"2"], b"x-b": [b"ok", b"n\x00ul"], b"x-c": [b"3"]})
+        with self.assertRaises(InvalidRequest) as caught:
+            up(headers)
+        self.assertIn("X-B", caught.exception.message)
+
+    def test_name_table_bounded(self) -> None:
+        """Past the table's size, client field names are still handled, but not kept."""
+        from oaiproxy.http import headers as module
+
+        self.patch(module, "_UP_NAMES", {})
+        self.patch(module, "_MAX_NAMES", 2)
+        client = Headers({b"x-%d" % i: [b"v"] for i in range(6)})
+        # and Host, X-Forwarded-For, X-Forwarded-Proto, x-request-id:
+        self.assertEqual(len(list(up(client).getAllRawHeaders())), 6 + 4)
+        self.assertEqual(len(module._UP_NAMES), 2)
+
     def test_name_validation(self) -> None:
         """Only RFC 9110 tokens are valid names (Twisted's Headers refuses the rest earlier)."""
         self.assertTrue(is_valid_name(b"X-Request-Id"))

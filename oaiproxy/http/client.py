@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from typing_extensions import override
 from zope.interface import implementer
@@ -52,7 +52,7 @@ from oaiproxy.errors import (
     UpstreamProtocolError,
 )
 from oaiproxy.http.chunked import ChunkedDecoder
-from oaiproxy.http.headers import add_checked, is_valid_name
+from oaiproxy.http.headers import is_valid_name, relayed_downstream
 from oaiproxy.http.nodelay import set_no_delay
 from oaiproxy.http.sendnow import sender
 from oaiproxy.tls import openssl_reasons
@@ -107,13 +107,25 @@ def _lost_before_answer(reason: Failure) -> ProxyError:
 class _Head:
     """A parsed response head: what L{_parse_head} found, and where the head ended."""
 
-    __slots__ = ("chunked", "code", "end", "headers", "length", "persistent", "phrase", "version")
+    __slots__ = (
+        "chunked",
+        "code",
+        "downstream",
+        "end",
+        "headers",
+        "length",
+        "persistent",
+        "phrase",
+        "version",
+    )
 
     def __init__(self) -> None:
         self.version = (b"HTTP", 1, 1)
         self.code = 0
         self.phrase = b""
         self.headers = Headers()
+        # The fields relayed to the client, in order: end to end, checked (see _parse_head).
+        self.downstream: list[tuple[bytes, bytes]] = []
         self.length: int | None = None
         self.chunked = False
         self.persistent = True
@@ -134,6 +146,24 @@ def _find_head_end(data: bytes) -> tuple[int, int]:
     if crlf >= 0:
         return crlf, crlf + 3
     return -1, -1
+
+
+# What a response field name tells, by name as received: its lower case, its canonical form
+# in Twisted's Headers, whether it may be relayed downstream. Upstreams send few distinct
+# names; the table stops growing at _MAX_NAMES.
+_NAMES: dict[bytes, tuple[bytes, bytes, bool]] = {}
+_MAX_NAMES = 2048
+
+
+def _name_info(name: bytes) -> tuple[bytes, bytes, bool] | None:
+    """C{name}'s entry of L{_NAMES} (made, and kept while there is room); C{None}: no token."""
+    if not is_valid_name(name):
+        return None
+    lower = name.lower()
+    info = (lower, _nameEncoder.encode(name), relayed_downstream(lower))
+    if len(_NAMES) < _MAX_NAMES:
+        _NAMES[name] = info
+    return info
 
 
 def _parse_head(data: bytes, head_end: int, body_start: int) -> _Head:
@@ -168,17 +198,21 @@ def _parse_head(data: bytes, head_end: int, body_start: int) -> _Head:
         head.version = (b"HTTP", 1, 0)
         head.persistent = False
     headers = head.headers
+    stored = headers._rawHeaders  # as add_checked stores (Twisted 26.10.0, private)
+    downstream = head.downstream
     lengths: list[bytes] = []
     codings: list[bytes] = []
     named: list[bytes] = []
+    known = _NAMES
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not is_valid_name(name):
+        info = known.get(name) or _name_info(name)
+        if not colon or info is None:
             # Also obs-fold (a line starting with whitespace), which a proxy may refuse
             # (RFC 9112 5.2), and whitespace before the colon (RFC 9112 5.1).
             raise UpstreamProtocolError("upstream sent an invalid response: a bad header line")
         value = value.strip(b" \t")
-        lower = name.lower()
+        lower, canonical, relayed = info
         if lower in _CONTROL:
             if lower == b"content-length":
                 lengths.extend(v.strip(b" \t") for v in value.split(b","))
@@ -192,10 +226,14 @@ def _parse_head(data: bytes, head_end: int, body_start: int) -> _Head:
                     elif token:
                         named.append(token)
             continue
-        add_checked(headers, name, value)
-    for name in named:
-        if is_valid_name(name):  # a name that is no token names no header
+        stored.setdefault(canonical, []).append(value)
+        if relayed:
+            downstream.append((name, value))
+    if named:
+        dropped = {n for n in named if is_valid_name(n)}  # a name that is no token names none
+        for name in dropped:
             headers.removeHeader(name)
+        head.downstream = [(n, v) for n, v in downstream if n.lower() not in dropped]
     if codings:
         if codings != [b"chunked"]:
             raise UpstreamProtocolError(
@@ -252,6 +290,10 @@ class _Response:
         self.code = head.code
         self.phrase = head.phrase
         self.headers = head.headers
+        #: The response's fields to relay downstream, as L{downstream_response_headers}
+        #: would give them (names are tokens, values free of CR, LF and NUL, hop-by-hop and
+        #: framing fields left out), found while parsing the head.
+        self.downstream_fields = head.downstream
         self.length = length
         self._transport = _BodyTransport(connection)
         self._protocol: IProtocol | None = None
@@ -308,6 +350,11 @@ class _Response:
         if protocol is not None:
             protocol.connectionLost(reason)
 
+
+# How every body that arrived whole ends: one Failure for all of them (building one per
+# response, as Twisted's client does, cost about 1% of the proxy's instructions per request);
+# its readers only check it.
+_DONE = Failure(ResponseDone())
 
 # A connection's states: idle (pooled, or new), waiting for a response head, reading a body,
 # being closed (nothing more is wanted from it), closed.
@@ -585,7 +632,7 @@ class _Connection(Protocol):
         else:
             self._state = _IDLE
         if response is not None:
-            response.body_end(Failure(ResponseDone()))
+            response.body_end(_DONE)
         if self._state != _IDLE or self._call is not None:
             return  # closed, or already reused, in the body's callback
         if self._paused or self._held:

@@ -26,6 +26,7 @@ __all__ = [
     "is_valid_name",
     "is_valid_reason",
     "is_valid_value",
+    "relayed_downstream",
     "retry_after",
     "set_checked",
     "upstream_request_headers",
@@ -161,6 +162,29 @@ def _end_to_end(headers: Headers, skip: frozenset[bytes]) -> Iterable[tuple[byte
             yield lower, name, value
 
 
+# What a client field name tells, by its canonical name (as Twisted's Headers hold names):
+# its lower case, whether it is a token, whether it may be forwarded at all. A table, so that
+# the checks run once per name and not once per request; it stops growing at _MAX_NAMES
+# (clients choose names, and a table they could grow without end would be a leak).
+_UP_NAMES: dict[bytes, tuple[bytes, bool, bool]] = {}
+_MAX_NAMES = 2048
+_DROPPED_UP = HOP_BY_HOP | _NOT_FORWARDED_UP
+# Forwarded fields that the proxy replaces or treats apart (see upstream_request_headers).
+_SPECIAL_UP = frozenset(
+    {b"authorization", b"x-forwarded-for", b"x-request-id", b"accept-encoding"}
+)
+
+
+def _up_name(name: bytes) -> tuple[bytes, bool, bool]:
+    """C{name}'s entry of L{_UP_NAMES}, made (and kept while there is room)."""
+    lower = name.lower()
+    forwarded = lower not in _DROPPED_UP and not lower.startswith((b":", b"proxy-"))
+    info = (lower, is_valid_name(name), forwarded)
+    if len(_UP_NAMES) < _MAX_NAMES:
+        _UP_NAMES[name] = info
+    return info
+
+
 def upstream_request_headers(
     client: Headers,
     *,
@@ -183,35 +207,61 @@ def upstream_request_headers(
         HTTP/1.1 (not a token; CR, LF or NUL in it).
     """
     out = Headers()
-    for lower, name, value in _end_to_end(client, _NOT_FORWARDED_UP):
-        if not is_valid_name(name):
+    # Names in Twisted's canonical form, values checked below: stored as add_checked does.
+    stored = out._rawHeaders
+    named = connection_named(client) if client.hasHeader(b"connection") else frozenset()
+    known = _UP_NAMES
+    values: list[bytes] = []
+    for name, field_values in client.getAllRawHeaders():
+        lower, token, forwarded = known.get(name) or _up_name(name)
+        if not forwarded or lower in named:
+            continue
+        if not token:
             raise InvalidRequest(f"invalid header name {name!r}")
-        if not is_valid_value(value):
-            raise InvalidRequest(f"invalid value in header {name.decode('latin-1')!r}")
-        if lower == b"authorization" and api_key is not None:
+        if lower in _SPECIAL_UP and (
+            lower in (b"x-forwarded-for", b"x-request-id")
+            or (lower == b"authorization" and api_key is not None)
+            or (lower == b"accept-encoding" and stream)
+        ):
             continue
-        if lower in (b"x-forwarded-for", b"x-request-id"):
-            continue
-        if lower == b"accept-encoding" and stream:
-            continue
-        add_checked(out, name, value)
-    out.setRawHeaders(b"host", [host])
+        values.extend(field_values)
+        stored[name] = list(field_values)
+    # One scan of every value forwarded (a space between them cannot hide a CR, LF or NUL).
+    if values and _BAD_VALUE.search(b" ".join(values)):
+        for name, field_values in stored.items():
+            if not all(map(is_valid_value, field_values)):
+                raise InvalidRequest(f"invalid value in header {name.decode('latin-1')!r}")
+    stored[b"Host"] = [host]
     if api_key is not None:
         out.setRawHeaders(b"authorization", [b"Bearer " + api_key])
-    forwarded = [v.strip() for v in client.getRawHeaders(b"x-forwarded-for", []) if v.strip()]
-    for value in forwarded:
+    forwarded_for = [v.strip() for v in client.getRawHeaders(b"x-forwarded-for", []) if v.strip()]
+    for value in forwarded_for:
         if not is_valid_value(value):
             raise InvalidRequest("invalid value in header 'X-Forwarded-For'")
     # The client's address is an IP address; the request id is printable ASCII (the client's
     # only once checked so, see http/resource.py).
     set_checked(
-        out, b"x-forwarded-for", b", ".join([*forwarded, client_ip.encode("ascii", "replace")])
+        out,
+        b"x-forwarded-for",
+        b", ".join([*forwarded_for, client_ip.encode("ascii", "replace")]),
     )
     set_checked(out, b"x-forwarded-proto", b"https" if secure else b"http")
     set_checked(out, b"x-request-id", request_id)
     if stream:
         set_checked(out, b"accept-encoding", b"identity")
     return out
+
+
+_DROPPED_DOWN = HOP_BY_HOP | _NOT_FORWARDED_DOWN
+
+
+def relayed_downstream(lower: bytes) -> bool:
+    """
+    Whether a response field named C{lower} (lower case) may be relayed to the client, as far
+    as its name tells: not hop-by-hop, not framing, not replaced by the proxy. (The fields
+    the response's C{Connection} names are hop-by-hop too: the caller drops those.)
+    """
+    return lower not in _DROPPED_DOWN and not lower.startswith(b"proxy-")
 
 
 def downstream_response_headers(upstream: Headers) -> list[tuple[bytes, bytes]]:

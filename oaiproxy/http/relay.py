@@ -253,8 +253,12 @@ class Relay(Protocol):
         phrase = response.phrase
         request.setResponseCode(response.code, phrase if is_valid_reason(phrase) else None)
         out = request.responseHeaders
-        # Names and values checked by downstream_response_headers; the request id is ours.
-        for name, value in downstream_response_headers(response.headers):
+        # Names and values checked by downstream_response_headers, or by the upstream client
+        # as it read them (its responses carry them ready); the request id is ours.
+        fields: list[tuple[bytes, bytes]] | None = getattr(response, "downstream_fields", None)
+        if fields is None:
+            fields = downstream_response_headers(response.headers)
+        for name, value in fields:
             add_checked(out, name, value)
         if not out.hasHeader(b"x-request-id"):
             set_checked(out, b"x-request-id", self._request_id)

@@ -41,8 +41,6 @@ from twisted.web.http import _IdentityTransferDecoder, _parseRequestLine
 from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import INonQueuedRequestFactory
 
-from oaiproxy.http.headers import add_checked
-
 __all__ = ["parse_head"]
 
 # The longest Content-Length taken here; longer ones go to the line-by-line path (and its
@@ -135,9 +133,11 @@ def parse_head(channel: Any, data: bytes) -> bool:
     channel._command = method
     channel._path = target
     channel._version = version
-    headers = request.requestHeaders
+    # The names are canonical already (_nameEncoder.encode above), the values free of CR,
+    # LF and NUL (_check): stored as add_checked would store them, without encoding again.
+    raw = request.requestHeaders._rawHeaders
     for name, value in fields:
-        add_checked(headers, name, value)
+        raw.setdefault(name, []).append(value)
     if length is not None:
         channel.length = length
         channel._transferDecoder = _IdentityTransferDecoder(
