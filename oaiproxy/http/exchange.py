@@ -95,13 +95,17 @@ class Exchange:
         self.client_gone = False
 
     def start(self) -> None:
-        """Begin: watch for the client going away, arm the total deadline, try an upstream."""
+        """Begin: try an upstream, watch for the client going away, arm the total deadline."""
+        # The first attempt goes first: its request is on its way upstream while the rest is
+        # set up (nothing can end the exchange but the attempt itself until this returns).
+        self._attempt()
+        if self.done:
+            return  # answered already (no upstream to try)
         self._request.notifyFinish().addErrback(self._client_went_away)
         total = self._deadlines.total
         if total is not None:
             remaining = max(0.0, total - (self._clock.seconds() - self.ctx.started))
             self._total_call = self._clock.callLater(remaining, self._total_expired)
-        self._attempt()
 
     # -- attempts ------------------------------------------------------------------------
 

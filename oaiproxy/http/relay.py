@@ -154,15 +154,19 @@ class Relay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._on_end is None:
             return
+        self._buffer.append(data)
+        # Written (and sent) first: the timers below are bookkeeping the client need not wait
+        # for.
+        if not self._coalesce:
+            self._flush()
+            if self._on_end is None:
+                return  # the write ended the relay (the client went away)
+        elif self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self._flush)
         if not self._seen_first_byte:
             self._seen_first_byte = True
             self._on_first_byte()
-        self._buffer.append(data)
         self._arm_idle()
-        if not self._coalesce:
-            self._flush()
-        elif self._flush_call is None:
-            self._flush_call = self._clock.callLater(0, self._flush)
 
     @override
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
