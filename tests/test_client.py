@@ -938,11 +938,46 @@ class BodyDeliveryTests(ClientCase):
 
         d.addCallback(discard)
         protocol, transport = self.connect()
-        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd")
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        protocol.dataReceived(b"cd")
         self.assertEqual(collectors[0].body, b"")
         self.assertTrue(transport.disconnected)
         self.assertEqual(self.client._idle, [])
         protocol.connectionLost(Failure(ConnectionLost()))
+        self.assert_not_reused(transport)
+
+    def test_whole_body_stopped_in_callback(self) -> None:
+        """A body that came whole and is stopped unread: no data, and the connection is reused."""
+        d = self.get()
+        collector = Collector(on_connect="stopProducing")
+        d.addCallback(lambda response: response.deliverBody(collector))
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd")
+        self.assertEqual(collector.body, b"")
+        assert collector.reason is not None
+        self.assertTrue(collector.reason.check(ResponseDone))
+        self.assertFalse(transport.disconnecting)
+        self.assert_reused(transport)
+
+    def test_whole_body_given_whole(self) -> None:
+        """A body that came with its head is the response's whole_body, and is delivered too."""
+        d = self.get()
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd")
+        response = self.response(d)
+        self.assertEqual(getattr(response, "whole_body", None), b"abcd")
+        self.assertEqual(self.client._idle, [protocol])
+        collector = self.read(response)
+        self.assert_done(collector, b"abcd")
+
+    def test_whole_body_with_extra_bytes(self) -> None:
+        """Bytes after a body that came whole: the body is cut to its length, no reuse."""
+        d = self.get()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcdEXTRA")
+        response = self.response(d)
+        self.assertEqual(getattr(response, "whole_body", None), b"abcd")
+        self.assertTrue(transport.disconnecting)
         self.assert_not_reused(transport)
 
     def test_stop_after_end_harmless(self) -> None:

@@ -92,6 +92,25 @@ class ForwardingTests(SynchronousTestCase):
         # The harness clock is at 0: the Date header is the site clock's, once.
         self.assertEqual(headers[b"date"], [b"Thu, 01 Jan 1970 00:00:00 GMT"])
 
+    def test_whole_body_written_at_once(self) -> None:
+        """A body that came whole with its head is written and finished with no producer."""
+        h = make_harness()
+        proto, transport = h.send(post(b"/v1/embeddings", b'{"input": "x"}'))
+        response = FakeResponse(200, {b"content-type": [b"application/json"]}, length=12)
+        response.whole_body = b'{"ok": true}'  # type: ignore[attr-defined]
+        h.sent()[0].deferred.callback(response)
+        # deliverBody was not needed: the relay was never a protocol, nor a producer.
+        self.assertIsNone(response.protocol)
+        status, headers, body = parse_response(transport.value())
+        self.assertEqual((status, body), (200, b'{"ok": true}'))
+        self.assertEqual(headers[b"content-length"], [b"12"])
+        pending = [repr(c) for c in h.clock.getDelayedCalls() if c.active()]
+        self.assertEqual([c for c in pending if "Exchange" in c or "Relay" in c], [])
+        # The connection serves the next request.
+        transport.clear()
+        proto.dataReceived(post(b"/v1/embeddings", b'{"input": "y"}'))
+        self.assertEqual(len(h.sent()), 2)
+
     def test_reason_phrase_relayed_only_if_clean(self) -> None:
         """
         An upstream reason phrase goes back as it is; one with a bare CR or another control

@@ -263,6 +263,8 @@ class _BodyTransport:
         #: The connection under the body; C{None} once the body is over (the connection
         #: may serve another request by then).
         self.connection: _Connection | None = connection
+        #: Whether the body's reader stopped it (it wants no more of it).
+        self.stopped = False
 
     def pauseProducing(self) -> None:
         if self.connection is not None:
@@ -273,6 +275,7 @@ class _BodyTransport:
             self.connection.resume_body()
 
     def stopProducing(self) -> None:
+        self.stopped = True
         connection, self.connection = self.connection, None
         if connection is not None:
             connection.stop_body()
@@ -298,6 +301,9 @@ class _Response:
         self._transport = _BodyTransport(connection)
         self._protocol: IProtocol | None = None
         self._delivering = False
+        #: The whole body, when it came with the head (see L{take_whole}); the relay may take
+        #: it from here instead of through L{deliverBody}.
+        self.whole_body: bytes | None = None
         # What arrived before deliverBody: body bytes, then the end.
         self._early: list[bytes] = []
         self._ended: Failure | None = None
@@ -311,6 +317,8 @@ class _Response:
         protocol.makeConnection(self._transport)  # type: ignore[arg-type]  # a producer, as Twisted's
         early, self._early = self._early, []
         for data in early:
+            if self._transport.stopped:
+                break  # what came before is not wanted either
             protocol.dataReceived(data)
         if self._ended is not None:
             self._end(self._ended)
@@ -318,6 +326,13 @@ class _Response:
             connection = self._transport.connection
             if connection is not None:
                 connection.body_wanted()
+
+    def take_whole(self, body: bytes) -> None:
+        """The body arrived whole with the head: nothing more will come from the connection."""
+        self.whole_body = body
+        self._early = [body]
+        self._ended = _DONE
+        self._transport.connection = None
 
     def setPreviousResponse(self, response: IResponse) -> None:
         raise NotImplementedError("redirects are not followed")
@@ -570,6 +585,9 @@ class _Connection(Protocol):
             length = UNKNOWN_LENGTH
             self._until_close = True
             self._persistent = False
+        if type(length) is int and 0 < length <= len(rest):
+            self._answer_whole(call, head, rest)
+            return
         response = self._response = _Response(head, self, length)
         if head.chunked and length is UNKNOWN_LENGTH:
             self._decoder = ChunkedDecoder(response.body_data, self._chunked_done)
@@ -586,6 +604,29 @@ class _Connection(Protocol):
             self._body(rest)
         if self._response is response and response.waiting:
             self._hold()
+
+    def _answer_whole(self, call: _Call, head: _Head, rest: bytes) -> None:
+        """
+        The whole body came with the head (a small answer, most non-streamed ones): the
+        response is complete before it is handed over (L{_Response.whole_body}), and the
+        connection is free for the next request once the caller has it.
+        """
+        length = self._remaining
+        self._remaining = 0
+        if len(rest) > length:
+            self._persistent = False  # more than the response holds: not to be trusted
+        response = _Response(head, self, length)
+        response.take_whole(rest[:length] if len(rest) > length else rest)
+        if self._persistent:
+            self._state = _IDLE
+        else:
+            self._state = _CLOSING
+            self._client._forget(self)
+            if self.transport is not None:
+                self.transport.loseConnection()
+        call.answered(response)
+        if self._state == _IDLE and self._call is None:
+            self._client._put_idle(self)
 
     def _body(self, data: bytes) -> None:
         response = self._response

@@ -139,7 +139,20 @@ class Relay(Protocol):
 
     def start(self) -> None:
         """Ask the response for its body; bytes flow from the next reactor turn on."""
-        self._response.deliverBody(self)
+        whole: bytes | None = getattr(self._response, "whole_body", None)
+        if whole is None:
+            self._response.deliverBody(self)
+            return
+        # The body came whole with the head (the upstream client's small answers): written
+        # with the head and finished at once, with no producer to register, nothing to pause.
+        if whole:
+            self._buffer.append(whole)
+            self._flush()
+        if self._on_end is None:
+            return  # the client went away meanwhile
+        self._seen_first_byte = True
+        self._on_first_byte()
+        self._complete()
 
     # -- IProtocol, fed by the upstream response ------------------------------------------
 
