@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -145,4 +146,23 @@ class TwistdTests(SynchronousTestCase):
         output = (done.stdout + done.stderr).decode("utf-8", "replace")
         self.assertEqual(done.returncode, 1, output)
         self.assertIn("cannot listen on 127.0.0.1", output)
+        # The parent exits on the child's word; the child removes the pid file as it ends,
+        # which may be just after: wait for the child to end (not for some time).
+        _wait_for_exit(pidfile)
         self.assertFalse(pidfile.exists())
+
+
+def _wait_for_exit(pidfile: Path, timeout: float = 30.0) -> None:
+    """Wait until the process named in C{pidfile} (if it is still there) has ended."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return  # no pid file (any more), or not written yet by a process already gone
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # ended already
+    try:
+        select.select([fd], [], [], timeout)  # readable once the process has ended
+    finally:
+        os.close(fd)

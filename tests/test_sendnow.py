@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from oaiproxy.http.sendnow import sender, writer
+from oaiproxy.http.sendnow import corker, sender, writer
 from oaiproxy.tls import ensure_self_signed, server_context_factory, upstream_tls_options
 
 reactor: Any = _reactor
@@ -308,3 +308,93 @@ class WriteNowTests(_Loopback):
         """Only plain TCP connections are written straight; TLS and in-memory are not."""
         self.assertIsNone(writer(StringTransport()))
         self.assertIsNone(writer(None))
+
+
+class CorkTests(_Loopback):
+    """Writes held between start and send go out in one send, without registering."""
+
+    @inlineCallbacks
+    def test_writes_joined_into_one_send(self) -> Any:
+        """Two writes and a writeSequence while corked: one send, never registered."""
+        transport, peer = yield self.connected()
+        cork = corker(transport)
+        assert cork is not None
+        registered: list[object] = []
+        self.patch(reactor, "addWriter", registered.append)
+        sends: list[bytes] = []
+        real_send = transport.socket.send
+        transport.socket = _CountingSocket(transport.socket, sends, real_send)
+        cork.start()
+        transport.write(b"head ")
+        transport.writeSequence([b"bo", b"dy"])
+        self.assertEqual(peer.data, b"")
+        cork.send()
+        self.assertEqual((registered, sends), ([], [b"head body"]))
+        self.assertNotIn("write", vars(transport))  # Twisted's write is back
+        data = yield peer.wait_for(9)
+        self.assertEqual(data, b"head body")
+
+    @inlineCallbacks
+    def test_not_corked_behind_a_buffer(self) -> Any:
+        """Bytes already buffered go first: the cork holds nothing, Twisted writes as usual."""
+        transport, peer = yield self.connected()
+        cork = corker(transport)
+        assert cork is not None
+        transport.write(b"first ")
+        cork.start()
+        transport.write(b"second")
+        self.assertEqual(transport._tempDataBuffer, [b"first ", b"second"])
+        cork.send()
+        data = yield peer.wait_for(12)
+        self.assertEqual(data, b"first second")
+
+    @inlineCallbacks
+    def test_closed_while_corked(self) -> Any:
+        """A loseConnection while corked (Connection: close): the bytes go, then the close."""
+        transport, peer = yield self.connected()
+        cork = corker(transport)
+        assert cork is not None
+        cork.start()
+        transport.write(b"last words")
+        transport.loseConnection()
+        cork.send()
+        yield peer.lost
+        self.assertEqual(peer.data, b"last words")
+
+    @inlineCallbacks
+    def test_rest_buffered_when_the_socket_is_full(self) -> Any:
+        """What the socket does not take is buffered by Twisted and arrives in order."""
+        transport, peer = yield self.connected()
+        peer.transport.pauseProducing()
+        cork = corker(transport)
+        assert cork is not None
+        big = bytes(range(256)) * (64 * 1024)
+        cork.start()
+        transport.write(big)
+        cork.send()
+        self.assertTrue(transport.dataBuffer or transport._tempDataBuffer)
+        transport.write(b"tail")
+        peer.transport.resumeProducing()
+        data = yield peer.wait_for(len(big) + 4)
+        self.assertEqual(data, big + b"tail")
+
+    def test_other_transports_not_corked(self) -> None:
+        """Only plain TCP connections are corked."""
+        self.assertIsNone(corker(StringTransport()))
+        self.assertIsNone(corker(None))
+
+
+class _CountingSocket:
+    """A socket whose sends are recorded."""
+
+    def __init__(self, sock: Any, sends: list[bytes], real_send: Callable[[bytes], int]):
+        self._sock = sock
+        self._sends = sends
+        self._real_send = real_send
+
+    def send(self, data: bytes) -> int:
+        self._sends.append(bytes(data))
+        return self._real_send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)

@@ -54,7 +54,7 @@ from oaiproxy.errors import (
 from oaiproxy.http.chunked import ChunkedDecoder
 from oaiproxy.http.headers import is_valid_name, relayed_downstream
 from oaiproxy.http.nodelay import set_no_delay
-from oaiproxy.http.sendnow import sender
+from oaiproxy.http.sendnow import sender, writer
 from oaiproxy.tls import openssl_reasons
 
 __all__ = ["MAX_HEAD_BYTES", "UpstreamClient", "tls_failure"]
@@ -449,6 +449,7 @@ class _Connection(Protocol):
         self._paused = False  # by the body's reader
         self._held = False  # until deliverBody (the read is paused if either is set)
         self._send_now: Callable[[], None] | None = None
+        self._write_now: Callable[[bytes], None] | None = None
         self.idle_since = 0.0
         self.lost: Deferred[None] | None = None
 
@@ -456,6 +457,8 @@ class _Connection(Protocol):
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
         self._send_now = sender(self.transport)
+        # Plain TCP: a request goes straight to the socket (no epoll_ctl pair around it).
+        self._write_now = writer(self.transport)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -468,6 +471,9 @@ class _Connection(Protocol):
         self._received = False
         self._persistent = True
         self._until_close = False
+        if self._write_now is not None:
+            self._write_now(call.data)
+            return
         assert self.transport is not None
         self.transport.write(call.data)
         if self._send_now is not None:

@@ -34,7 +34,7 @@ from oaiproxy.http.headers import (
     is_valid_reason,
     set_checked,
 )
-from oaiproxy.http.sendnow import sender, writer
+from oaiproxy.http.sendnow import corker, sender, writer
 from oaiproxy.http.stall import StallWatch
 
 __all__ = ["Relay", "abort_downstream", "downstream_backlog"]
@@ -134,8 +134,10 @@ class Relay(Protocol):
         transport = None if self._coalesce else getattr(request.channel, "transport", None)
         self._send_now = sender(transport)
         # A plain TCP client: once the head is out, each chunk of a chunked body goes straight
-        # to the socket (see _write_chunk).
+        # to the socket (see _write_chunk); a body that came whole goes out with its head in
+        # one send (see start).
         self._write_now = writer(transport)
+        self._corker = corker(transport) if self._write_now is not None else None
 
     def start(self) -> None:
         """Ask the response for its body; bytes flow from the next reactor turn on."""
@@ -144,10 +146,24 @@ class Relay(Protocol):
             self._response.deliverBody(self)
             return
         # The body came whole with the head (the upstream client's small answers): written
-        # with the head and finished at once, with no producer to register, nothing to pause.
-        if whole:
-            self._buffer.append(whole)
-            self._flush()
+        # with the head and finished at once, with no producer to register, nothing to pause;
+        # to a plain TCP client, in one send.
+        cork = self._corker
+        if cork is not None:
+            cork.start()
+        try:
+            if whole:
+                self._buffer.append(whole)
+                self._flush()
+            request = self._request
+            if self._on_end is not None:
+                if not self.committed:
+                    self._commit()
+                if not request.finished and not getattr(request, "_disconnected", False):
+                    request.finish()
+        finally:
+            if cork is not None:
+                cork.send()
         if self._on_end is None:
             return  # the client went away meanwhile
         self._seen_first_byte = True
@@ -358,8 +374,9 @@ class Relay(Protocol):
         on_end = self._on_end
         self._on_end = None
         self._cleanup()
-        if error is None and not getattr(self._request, "_disconnected", False):
-            self._request.finish()
+        request = self._request
+        if error is None and not getattr(request, "_disconnected", False) and not request.finished:
+            request.finish()
             if self._send_now is not None:
                 self._send_now()
         if on_end is not None:

@@ -26,7 +26,7 @@ from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport
 
-__all__ = ["sender", "writer"]
+__all__ = ["Cork", "corker", "sender", "writer"]
 
 
 def sender(transport: Any) -> Callable[[], None] | None:
@@ -53,6 +53,59 @@ def writer(transport: Any) -> Callable[[bytes], None] | None:
     connection only; C{None} for any other transport.
     """
     return partial(_write, transport) if _plain_tcp(transport) else None
+
+
+class Cork:
+    """
+    Holds what is written to a plain TCP connection between L{start} and L{send}, then sends
+    it with one C{send}: a whole small response (head and body, written by Twisted's request
+    in two writes) leaves in one segment, without the C{epoll_ctl} pair Twisted's C{write}
+    and C{doWrite} put around it. What the socket does not take is buffered by Twisted as
+    usual. Twisted 26.10.0: the connection's C{write} and C{writeSequence} are shadowed on
+    the instance while corked (both only append to its buffer), and its private buffers read.
+    """
+
+    def __init__(self, connection: tcp.Connection) -> None:
+        self._connection = connection
+        self._pieces: list[bytes] = []
+        self._corked = False
+
+    def start(self) -> None:
+        """Hold the writes from here, if nothing waits in the connection's buffer already."""
+        c: Any = self._connection
+        if c.dataBuffer or c._tempDataBuffer or not c.connected or id(c) in _sending:
+            return
+        self._corked = True
+        c.write = self._pieces.append
+        c.writeSequence = self._pieces.extend
+
+    def send(self) -> None:
+        """Stop holding writes; send what was held (the rest buffered for the reactor)."""
+        if not self._corked:
+            return
+        self._corked = False
+        connection: Any = self._connection
+        del connection.write, connection.writeSequence
+        data = b"".join(self._pieces)
+        self._pieces = []
+        if not data or not connection.connected or connection._writeDisconnected:
+            return  # nothing, or a connection that takes nothing more (as write would do)
+        # Being closed (a response with Connection: close) is no reason to wait: the reactor
+        # closes the connection once its buffer is empty, which it may be at once.
+        if not (connection.dataBuffer or connection._tempDataBuffer):
+            try:
+                sent = connection.socket.send(data)
+            except OSError:
+                sent = 0  # would block, or broken: left to the reactor, as for any write
+            if sent == len(data):
+                return
+            data = data[sent:]
+        connection.write(data)
+
+
+def corker(transport: Any) -> Cork | None:
+    """A L{Cork} for C{transport} if it is a plain TCP connection; else C{None}."""
+    return Cork(transport) if _plain_tcp(transport) else None
 
 
 def _plain_tcp(transport: Any) -> bool:
