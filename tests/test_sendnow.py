@@ -398,3 +398,31 @@ class _CountingSocket:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
+
+
+class NestedCorkTests(_Loopback):
+    """A cork started inside another sends with the outermost send only."""
+
+    @inlineCallbacks
+    def test_nested(self) -> Any:
+        """Inner start/send pairs hold on; the outer send sends everything at once."""
+        transport, peer = yield self.connected()
+        cork = corker(transport)
+        assert cork is not None
+        cork.start()
+        transport.write(b"a")
+        cork.start()
+        transport.write(b"b")
+        cork.send()
+        self.assertIn("write", vars(transport))  # still corked
+        transport.write(b"c")
+        cork.send()
+        self.assertNotIn("write", vars(transport))
+        data = yield peer.wait_for(3)
+        self.assertEqual(data, b"abc")
+        # And it corks again afterwards.
+        cork.start()
+        transport.write(b"d")
+        cork.send()
+        data = yield peer.wait_for(4)
+        self.assertEqual(data, b"abcd")

@@ -321,6 +321,15 @@ class Relay(Protocol):
         if self._write_now is not None and self._request.startedWriting:
             self._write_chunk(data)
             return
+        cork = self._corker
+        if cork is not None:
+            # The head and the first data, written by Twisted's request apart: one send.
+            cork.start()
+            try:
+                self._request.write(data)
+            finally:
+                cork.send()
+            return
         self._request.write(data)
         if self._send_now is not None:
             self._send_now()
@@ -376,9 +385,18 @@ class Relay(Protocol):
         self._cleanup()
         request = self._request
         if error is None and not getattr(request, "_disconnected", False) and not request.finished:
-            request.finish()
-            if self._send_now is not None:
-                self._send_now()
+            cork = self._corker
+            if cork is not None:
+                # What finish writes (the last chunk, or a head with no body): one send.
+                cork.start()
+                try:
+                    request.finish()
+                finally:
+                    cork.send()
+            else:
+                request.finish()
+                if self._send_now is not None:
+                    self._send_now()
         if on_end is not None:
             on_end(error)
 

@@ -69,11 +69,18 @@ class Cork:
         self._connection = connection
         self._pieces: list[bytes] = []
         self._corked = False
+        self._depth = 0
 
     def start(self) -> None:
-        """Hold the writes from here, if nothing waits in the connection's buffer already."""
+        """
+        Hold the writes from here, if nothing waits in the connection's buffer already.
+        Calls nest: only the L{send} matching the outermost L{start} sends.
+        """
+        self._depth += 1
         c: Any = self._connection
-        if c.dataBuffer or c._tempDataBuffer or not c.connected or id(c) in _sending:
+        if self._corked or c.dataBuffer or c._tempDataBuffer or not c.connected:
+            return
+        if id(c) in _sending:
             return
         self._corked = True
         c.write = self._pieces.append
@@ -81,7 +88,8 @@ class Cork:
 
     def send(self) -> None:
         """Stop holding writes; send what was held (the rest buffered for the reactor)."""
-        if not self._corked:
+        self._depth -= 1
+        if not self._corked or self._depth > 0:
             return
         self._corked = False
         connection: Any = self._connection
