@@ -290,6 +290,19 @@ class RequestTests(ClientCase):
             ],
         )
 
+    def test_large_body_not_copied(self) -> None:
+        """A body over 64 KiB is written after the head, the very bytes object given."""
+        body = b"x" * (64 * 1024 + 1)
+        self.client.request(
+            b"POST", ORIGIN + b"/v1/files", Headers({b"host": [b"h"]}), BytesProducer(body)
+        )
+        _, transport = self.connect()
+        head, written = transport.writes
+        self.assertEqual(
+            head, b"POST /v1/files HTTP/1.1\r\nContent-Length: 65537\r\nHost: h\r\n\r\n"
+        )
+        self.assertIs(written, body)
+
     def test_no_body_no_content_length(self) -> None:
         """Without a body producer, no Content-Length is written."""
         self.get(ORIGIN + b"/v1/models#x")

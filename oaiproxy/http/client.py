@@ -371,6 +371,10 @@ class _Response:
 # its readers only check it.
 _DONE = Failure(ResponseDone())
 
+# A request body longer than this is written after the head rather than joined to it (a copy
+# of a large body would double the memory the request takes for a moment).
+_JOIN_BODY = 64 * 1024
+
 # A connection's states: idle (pooled, or new), waiting for a response head, reading a body,
 # being closed (nothing more is wanted from it), closed.
 _IDLE, _WAITING, _BODY, _CLOSING, _CLOSED = range(5)
@@ -379,11 +383,24 @@ _IDLE, _WAITING, _BODY, _CLOSING, _CLOSED = range(5)
 class _Call:
     """One request to one upstream, from its first attempt to its response head."""
 
-    __slots__ = ("client", "connecting", "connection", "data", "deferred", "method", "retried")
+    __slots__ = (
+        "body",
+        "client",
+        "connecting",
+        "connection",
+        "data",
+        "deferred",
+        "method",
+        "retried",
+    )
 
-    def __init__(self, client: UpstreamClient, data: bytes, method: bytes) -> None:
+    def __init__(
+        self, client: UpstreamClient, data: bytes, method: bytes, body: bytes = b""
+    ) -> None:
         self.client = client
+        #: The request's bytes; a large body apart, after them.
         self.data = data
+        self.body = body
         self.method = method
         self.deferred: Deferred[IResponse] = Deferred(self._cancel)
         self.connection: _Connection | None = None
@@ -422,7 +439,7 @@ class _Call:
 
     def answered(self, response: _Response) -> None:
         self.connection = None
-        self.data = b""
+        self.data = self.body = b""
         self.deferred.callback(response)
 
     def failed(self, error: ProxyError | Failure) -> None:
@@ -473,9 +490,13 @@ class _Connection(Protocol):
         self._until_close = False
         if self._write_now is not None:
             self._write_now(call.data)
+            if call.body:
+                self._write_now(call.body)
             return
         assert self.transport is not None
         self.transport.write(call.data)
+        if call.body:
+            self.transport.write(call.body)
         if self._send_now is not None:
             self._send_now()
 
@@ -812,9 +833,12 @@ class UpstreamClient:
                 for value in values:
                     lines.append(b"%s: %s\r\n" % (name, value))
         lines.append(b"\r\n")
-        if body:
+        if len(body) > _JOIN_BODY:
+            # A large body (an image, an audio file) is not copied into the request's bytes.
+            call = _Call(self, b"".join(lines), method, body)
+        else:
             lines.append(body)
-        call = _Call(self, b"".join(lines), method)
+            call = _Call(self, b"".join(lines), method)
         call.start(reuse=True)
         return call.deferred
 
