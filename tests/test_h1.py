@@ -387,3 +387,25 @@ class WriteHeadersTests(SynchronousTestCase):
         channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", [(b"x-a", b"b\r\nInjected: 1")])
         self.assertNotIn(b"\r\nInjected", transport.value())
         channel.connectionLost(Failure(ConnectionDone()))
+
+
+class LocalAddressTests(SynchronousTestCase):
+    """The connection's local address is asked of the transport once, not per request."""
+
+    def test_get_host_once(self) -> None:
+        """Three keep-alive requests on one connection: one getHost call on the transport."""
+        harness = make_harness()
+        proto, transport = harness.connect()
+        calls: list[object] = []
+        real = transport.getHost
+
+        def counting() -> Any:
+            calls.append(None)
+            return real()
+
+        self.patch(transport, "getHost", counting)
+        for _ in range(3):
+            proto.dataReceived(post(b"/v1/embeddings", b"{}"))
+            harness.sent()[-1].deferred.errback(Failure(ConnectionDone()))
+        self.assertEqual(len(harness.sent()), 3)
+        self.assertEqual(len(calls), 1)
