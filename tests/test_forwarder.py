@@ -64,6 +64,13 @@ class MapFailureTests(SynchronousTestCase):
         self.assertIsInstance(error, UpstreamConnectFailed)
         self.assertTrue(error.retryable)
 
+    def test_dns_failure_retryable(self) -> None:
+        """A name that does not resolve is a retryable connect failure that says so."""
+        error = map_failure(Failure(ierror.DNSLookupError("api.example.invalid")))
+        self.assertIsInstance(error, UpstreamConnectFailed)
+        self.assertTrue(error.retryable)
+        self.assertIn("could not be resolved", error.message)
+
     def test_never_received_retryable(self) -> None:
         """A response never received (stale pooled connection) is retryable."""
         error = map_failure(Failure(ResponseNeverReceived([Failure(ierror.ConnectionDone())])))

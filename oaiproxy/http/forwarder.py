@@ -193,6 +193,10 @@ def map_failure(failure: Failure) -> ProxyError:
         return exc
     if isinstance(exc, ConnectDeadlineExpired):
         return UpstreamConnectTimeout(f"upstream connection timed out: {exc}")
+    if isinstance(exc, ierror.DNSLookupError):
+        # Not a ConnectError in Twisted's tree, but as much the upstream's side (BAD-INPUTS:
+        # a DNS failure tries the next upstream).
+        return UpstreamConnectFailed(f"upstream name could not be resolved: {exc}")
     if isinstance(exc, ierror.ConnectError):
         return UpstreamConnectFailed(f"upstream connection failed: {exc.__class__.__name__}")
     if isinstance(exc, ResponseFailed | RequestTransmissionFailed):
