@@ -7,8 +7,11 @@ L{StringTransport}s; the test plays the upstream.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import (
     IProtocol,
@@ -17,10 +20,10 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITCPTransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web._newclient import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -29,7 +32,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from oaiproxy.errors import InvalidRequest, UpstreamConnectFailed, UpstreamProtocolError
-from oaiproxy.http.client import MAX_HEAD_BYTES, UpstreamClient, _Connection
+from oaiproxy.http.client import MAX_HEAD_BYTES, RETRY_WINDOW, UpstreamClient, _Connection
 from oaiproxy.http.forwarder import BytesProducer
 from oaiproxy.http.headers import downstream_response_headers
 
@@ -801,6 +804,15 @@ class RetryTests(ClientCase):
         protocol2.dataReceived(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual(self.response(d).code, 202)
 
+    def test_reused_lost_late_not_retried(self) -> None:
+        """A reused connection lost after holding the request a while: no second send."""
+        protocol, _ = self.exchange()
+        d = self.client.request(b"POST", URL, None, BytesProducer(b"body"))
+        self.clock.advance(RETRY_WINDOW)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, UpstreamConnectFailed)
+        self.assertEqual(len(self.endpoint.attempts), 1)
+
     def test_fresh_lost_fails(self) -> None:
         """A new connection lost before answering fails the request, without a retry."""
         d = self.get()
@@ -1155,3 +1167,86 @@ class DownstreamFieldsTests(ClientCase):
         response = self.accepted(raw)
         self.assertEqual(len(client._NAMES), 3)
         self.assertEqual([n for n, _ in getattr(response, "downstream_fields", [])], names)
+
+
+class _Silent(Protocol):
+    """An upstream that accepts a connection and never reads from it."""
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+
+class LargeBodyCopyTests(TestCase):
+    """A body over 64 KiB is written without a copy of it being made, over real TCP too."""
+
+    @inlineCallbacks
+    def test_large_body_not_copied_on_partial_send(self) -> Any:
+        """
+        Over a real TCP connection whose peer does not read, the part of a 16 MiB body the
+        socket did not take is buffered as the body itself (or a view), not as a fresh copy.
+        """
+        from twisted.internet import reactor
+
+        from oaiproxy.http import client as client_module
+
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(_Silent)
+        )
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        origin = b"http://127.0.0.1:%d" % (port.getHost().port,)
+        client = UpstreamClient(reactor, origin, endpoint, idle_connections=1, keepalive=5.0)
+        body = b"x" * (16 * 1024 * 1024)
+        begun: Deferred[Any] = Deferred()
+        begin = client_module._Connection.begin
+
+        def spy(connection: Any, call: Any, *, reused: bool) -> None:
+            begin(connection, call, reused=reused)
+            begun.callback(connection.transport)
+
+        self.patch(client_module._Connection, "begin", spy)
+        d = client.request(b"POST", origin + b"/v1/files", Headers(), BytesProducer(body))
+        d.addErrback(lambda _: None)
+        self.addCleanup(d.cancel)
+        transport = yield begun
+        pieces = [transport.dataBuffer, *transport._tempDataBuffer]
+        big = [p for p in pieces if len(p) > 1024 * 1024]
+        self.assertTrue(big, "the whole body was sent at once: the test proves nothing")
+        self.assertTrue(
+            all(p is body or (isinstance(p, memoryview) and p.obj is body) for p in big),
+            f"a copy of {max(len(p) for p in big)} bytes of the body is buffered",
+        )
+
+
+class TrickledHeadTests(SynchronousTestCase):
+    """The response head parser, fed a head a byte per read (a broken or hostile upstream)."""
+
+    def test_trickled_head_scanned_linearly(self) -> None:
+        """
+        A 64 KiB head arriving one byte per read is scanned for its end a bounded number of
+        times per byte, not once per read over all that came before (seconds of reactor
+        time, for one request, during which no other client would be served).
+        """
+        from oaiproxy.http import client as client_module
+
+        scanned = [0]
+        find = client_module._find_head_end
+
+        def counting(data: bytes | bytearray, start: int = 0) -> tuple[int, int]:
+            scanned[0] += len(data) - start
+            return find(data, start)
+
+        self.patch(client_module, "_find_head_end", counting)
+        endpoint = FakeEndpoint()
+        client = UpstreamClient(
+            MemoryReactorClock(), ORIGIN, endpoint, idle_connections=1, keepalive=5.0
+        )
+        d = client.request(b"GET", ORIGIN + b"/v1/models")
+        protocol = endpoint.attempts[-1].succeed()
+        head = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 60000 + b"\r\nContent-Length: 0\r\n\r\n"
+        for i in range(len(head)):
+            protocol.dataReceived(head[i : i + 1])
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"x-big"), [b"a" * 60000])
+        self.assertLess(scanned[0], 16 * len(head), f"{scanned[0]} bytes scanned")

@@ -57,12 +57,18 @@ from oaiproxy.http.nodelay import set_no_delay
 from oaiproxy.http.sendnow import sender, writer
 from oaiproxy.tls import openssl_reasons
 
-__all__ = ["MAX_HEAD_BYTES", "UpstreamClient", "tls_failure"]
+__all__ = ["MAX_HEAD_BYTES", "RETRY_WINDOW", "UpstreamClient", "tls_failure"]
 
 log = Logger()
 
 #: A response head (status line and fields) longer than this is refused (a 502).
 MAX_HEAD_BYTES = 64 * 1024
+
+#: Seconds after a request went out on a reused connection within which losing that
+#: connection, with no byte of an answer, sends the request again on a new one. An upstream's
+#: keep-alive close races a request within milliseconds; an upstream that dies after holding
+#: a request for longer may have worked on it (a second POST could be run, and billed, twice).
+RETRY_WINDOW = 1.0
 
 # Fields about the connection, not the response: kept out of the response's headers (as
 # Twisted's client keeps them), read for framing and persistence.
@@ -132,15 +138,22 @@ class _Head:
         self.end = 0
 
 
-def _find_head_end(data: bytes) -> tuple[int, int]:
-    """Where the head in C{data} ends and its body starts, or C{(-1, -1)} if not there yet."""
-    end = data.find(b"\r\n\r\n")
+def _find_head_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int]:
+    """
+    Where the head in C{data} ends and its body starts, or C{(-1, -1)} if not there yet.
+    C{start}: where to look from (no empty line ends before it: the caller looked there).
+    """
+    end = data.find(b"\r\n\r\n", start)
     # Unless a bare LF line end came first: an empty line (LF LF, or LF CRLF) before it.
-    if end >= 0 and data.find(b"\n\n", 0, end) < 0 and data.find(b"\n\r\n", 0, end + 2) < 0:
+    if (
+        end >= 0
+        and data.find(b"\n\n", start, end) < 0
+        and data.find(b"\n\r\n", start, end + 2) < 0
+    ):
         return end, end + 4
     # Bare LF line ends (RFC 9112 2.2 lets a recipient take them): the first empty line.
-    lf = data.find(b"\n\n")
-    crlf = data.find(b"\n\r\n")
+    lf = data.find(b"\n\n", start)
+    crlf = data.find(b"\n\r\n", start)
     if lf >= 0 and (crlf < 0 or lf < crlf):
         return lf, lf + 2
     if crlf >= 0:
@@ -456,7 +469,8 @@ class _Connection(Protocol):
         self._state = _IDLE
         self._call: _Call | None = None
         self._response: _Response | None = None
-        self._buffer = b""
+        # The start of a response head that has not arrived whole.
+        self._pending: bytearray | None = None
         self._reused = False
         self._received = False
         self._persistent = True
@@ -467,6 +481,7 @@ class _Connection(Protocol):
         self._held = False  # until deliverBody (the read is paused if either is set)
         self._send_now: Callable[[], None] | None = None
         self._write_now: Callable[[bytes], None] | None = None
+        self._sent_at = 0.0
         self.idle_since = 0.0
         self.lost: Deferred[None] | None = None
 
@@ -488,10 +503,14 @@ class _Connection(Protocol):
         self._received = False
         self._persistent = True
         self._until_close = False
+        self._sent_at = self._client._clock.seconds()
         if self._write_now is not None:
             self._write_now(call.data)
             if call.body:
-                self._write_now(call.body)
+                # Buffered as it is: _write_now would copy what the socket did not take.
+                self.transport.write(call.body)  # type: ignore[union-attr]
+                if self._send_now is not None:
+                    self._send_now()
             return
         assert self.transport is not None
         self.transport.write(call.data)
@@ -565,10 +584,21 @@ class _Connection(Protocol):
             self._body(data)
         elif state == _WAITING:
             self._received = True
-            if self._buffer:
-                data = self._buffer + data
-                self._buffer = b""
-            self._head(data)
+            pending = self._pending
+            if pending is None:
+                self._head(data)
+                return
+            # A head arriving in pieces: each piece is looked at once, from where an empty
+            # line could end in it (a head trickled a byte per read is not rescanned whole
+            # per read, which cost seconds of the reactor for a 64 KiB head).
+            start = max(0, len(pending) - 3)
+            pending += data
+            if _find_head_end(pending, start)[0] < 0:
+                if len(pending) > MAX_HEAD_BYTES:
+                    self._fail(UpstreamProtocolError("upstream sent a response head too large"))
+                return
+            self._pending = None
+            self._head(bytes(pending))
         elif state == _IDLE:
             # An idle connection speaks out of turn: nothing it says can be trusted.
             self.close()
@@ -580,7 +610,7 @@ class _Connection(Protocol):
                 if len(data) > MAX_HEAD_BYTES:
                     self._fail(UpstreamProtocolError("upstream sent a response head too large"))
                 else:
-                    self._buffer = data
+                    self._pending = bytearray(data)
                 return
             try:
                 head = _parse_head(data, head_end, body_start)
@@ -728,9 +758,15 @@ class _Connection(Protocol):
         self._client._forget(self)
         call, self._call = self._call, None
         if call is not None:
-            if self._reused and not self._received and not call.retried:
+            if (
+                self._reused
+                and not self._received
+                and not call.retried
+                and self._client._clock.seconds() - self._sent_at < RETRY_WINDOW
+            ):
                 # The upstream closed a pooled connection as the request went out (its
-                # keep-alive timeout, most likely): once more, on a new connection.
+                # keep-alive timeout, most likely): once more, on a new connection. Not when
+                # the upstream had the request for a while (it may have worked on it).
                 call.retried = True
                 call.connection = None
                 call.start(reuse=False)
