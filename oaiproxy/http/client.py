@@ -338,7 +338,7 @@ class _Response:
         else:
             connection = self._transport.connection
             if connection is not None:
-                connection.body_wanted()
+                connection.body_wanted(protocol)
 
     def take_whole(self, body: bytes) -> None:
         """The body arrived whole with the head: nothing more will come from the connection."""
@@ -564,11 +564,14 @@ class _Connection(Protocol):
         """The body's reader wants no more of it: the connection cannot be reused."""
         self.close()
 
-    def body_wanted(self) -> None:
+    def body_wanted(self, protocol: IProtocol) -> None:
         """
         deliverBody was called: read again, if waiting for it paused the socket and the
         body's reader did not pause it meanwhile (in its connectionMade or dataReceived).
+        A chunked body's decoder hands its data to C{protocol} straight from here on.
         """
+        if self._decoder is not None:
+            self._decoder.dataCallback = protocol.dataReceived
         if not self._held:
             return
         self._held = False
@@ -581,7 +584,15 @@ class _Connection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         state = self._state
         if state == _BODY:
-            self._body(data)
+            decoder = self._decoder
+            if decoder is None:
+                self._body(data)
+                return
+            # A chunked body (every streamed answer), once per event: decoded here.
+            try:
+                decoder.dataReceived(data)
+            except ValueError as e:  # MalformedChunkedData, or data after the last chunk
+                self._body_failed(Failure(e))
         elif state == _WAITING:
             self._received = True
             pending = self._pending

@@ -183,9 +183,18 @@ class Relay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._on_end is None:
             return
-        self._buffer.append(data)
         # Written (and sent) first: the timers below are bookkeeping the client need not wait
         # for.
+        if self._seen_first_byte and self._write_now is not None and self._request.startedWriting:
+            # A streamed event to a plain-TCP HTTP/1.1 client (the common case, once per
+            # event): straight to the socket, without the buffer and _flush.
+            self.bytes_relayed += len(data)
+            self._write_chunk(data)
+            if self._on_end is None:
+                return
+            self._arm_idle()
+            return
+        self._buffer.append(data)
         if not self._coalesce:
             self._flush()
             if self._on_end is None:
