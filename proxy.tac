@@ -16,6 +16,7 @@ from oaiproxy import (
     ProxyConfig,
     UpstreamConfig,
     build_service,
+    install_quiet_dispatch,
 )
 
 config = ProxyConfig(
@@ -70,3 +71,6 @@ config = ProxyConfig(
 
 application = Application("oaiproxy")
 build_service(config, reactor).setServiceParent(application)
+# Socket events dispatched without Twisted's legacy log context: a quarter fewer instructions
+# per relayed event; Twisted's own legacy log lines then say "-" for the connection.
+install_quiet_dispatch(reactor)

@@ -18,6 +18,7 @@ from oaiproxy.config import (
     ProxyConfig,
     UpstreamConfig,
 )
+from oaiproxy.reactortune import install_quiet_dispatch
 from oaiproxy.service import build_service
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "ProxyConfig",
     "UpstreamConfig",
     "build_service",
+    "install_quiet_dispatch",
 ]

@@ -22,6 +22,7 @@ from oaiproxy.config import (
     parse_listen,
     parse_upstream,
 )
+from oaiproxy.reactortune import install_quiet_dispatch
 from oaiproxy.service import build_service
 
 __all__ = ["Options", "config_from_options", "makeService"]
@@ -172,6 +173,9 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     try:
-        return build_service(options.config, reactor)
+        service = build_service(options.config, reactor)
     except ConfigError as e:
         raise SystemExit(f"oaiproxy: {e}") from None
+    # A quarter fewer instructions per relayed event (see oaiproxy/reactortune.py).
+    install_quiet_dispatch(reactor)
+    return service

@@ -93,6 +93,19 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(option, str(caught.exception))
             self.assertIn(repr(value), str(caught.exception))
 
+    def test_quiet_dispatch_installed(self) -> None:
+        """makeService installs the epoll loop without the legacy log context."""
+        import oaiproxy.tap
+
+        installed: list[object] = []
+        self.patch(oaiproxy.tap, "install_quiet_dispatch", installed.append)
+        options = Options()
+        options.parseOptions(["--listen", "tcp:0", "--upstream", "http://127.0.0.1:9/v1"])
+        makeService(options)
+        from twisted.internet import reactor
+
+        self.assertEqual(installed, [reactor])
+
     def test_build_errors_end_the_start_with_a_message(self) -> None:
         """
         What only shows when building the service (here an unset key variable) ends
@@ -190,8 +203,11 @@ class ProxyTacTests(SynchronousTestCase):
 
         from twisted.application.service import IServiceCollection, loadApplication
 
+        import oaiproxy
         from oaiproxy.listening import Listeners
 
+        installed: list[object] = []
+        self.patch(oaiproxy, "install_quiet_dispatch", installed.append)
         tac = Path(__file__).resolve().parent.parent / "proxy.tac"
         workdir = Path(self.mktemp())
         workdir.mkdir()
@@ -209,3 +225,6 @@ class ProxyTacTests(SynchronousTestCase):
             [e.where for e in listeners.endpoints], ["127.0.0.1:8080", "127.0.0.1:8443"]
         )
         self.assertTrue((workdir / ".oaiproxy" / "selfsigned-cert.pem").exists())
+        from twisted.internet import reactor
+
+        self.assertEqual(installed, [reactor])  # the epoll loop without the log context
