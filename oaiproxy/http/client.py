@@ -483,6 +483,8 @@ class _Connection(Protocol):
         self._write_now: Callable[[bytes], None] | None = None
         self._sent_at = 0.0
         self.idle_since = 0.0
+        #: Whether the connection is in its client's idle pool.
+        self.pooled = False
         self.lost: Deferred[None] | None = None
 
     @override
@@ -913,12 +915,14 @@ class UpstreamClient:
             return None
         now = self._clock.seconds()
         connection = idle.pop()
+        connection.pooled = False
         if now - connection.idle_since < self._keepalive:
             return connection
         # That one, and all older ones, are past their keep-alive time.
         expired = [connection, *idle]
         idle.clear()
         for c in expired:
+            c.pooled = False
             c.retire()
         return None
 
@@ -930,14 +934,17 @@ class UpstreamClient:
         if len(idle) >= self._max_idle:
             idle[0].retire()  # the oldest goes (it is the nearest to its keep-alive end)
         connection.idle_since = self._clock.seconds()
+        connection.pooled = True
         idle.append(connection)
         if self._sweep_call is None:
             self._sweep_call = self._clock.callLater(self._keepalive, self._sweep)
 
     def _forget(self, connection: _Connection) -> None:
-        """A connection was lost: out of the idle pool, if it was there."""
-        with suppress(ValueError):
-            self._idle.remove(connection)
+        """A connection was lost or closed: out of the idle pool, if it was there."""
+        if connection.pooled:  # (most are not: no list search, no ValueError to catch)
+            connection.pooled = False
+            with suppress(ValueError):
+                self._idle.remove(connection)
 
     def _sweep(self) -> None:
         """Close the connections idle for C{keepalive}; come back for the next one."""
