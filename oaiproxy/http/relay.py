@@ -175,7 +175,8 @@ class Relay(Protocol):
     @override
     def connectionMade(self) -> None:
         # Register before the first write, so a slow client pauses the upstream read from the
-        # very first byte. self.transport is the TransportProxyProducer of the upstream body.
+        # very first byte. self.transport is the upstream body's producer (the upstream
+        # client's body transport, over the upstream socket).
         self._request.registerProducer(self, True)
         self._registered = True
 
