@@ -18,7 +18,6 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IPushProducer,
     IStreamClientEndpoint,
-    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -35,46 +34,12 @@ from oaiproxy.errors import InvalidRequest, UpstreamConnectFailed, UpstreamProto
 from oaiproxy.http.client import MAX_HEAD_BYTES, RETRY_WINDOW, UpstreamClient, _Connection
 from oaiproxy.http.forwarder import BytesProducer
 from oaiproxy.http.headers import downstream_response_headers
+from tests.support.fakes import FakeTCP, RecordingTransport
 
 ORIGIN = b"http://upstream.test:8080"
 URL = ORIGIN + b"/v1/models"
 GET = b"GET /v1/models HTTP/1.1\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-class RecordingTransport(StringTransport):
-    """A StringTransport that also keeps each write apart."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        super().write(data)
-
-
-@implementer(ITCPTransport)
-class FakeTCP(RecordingTransport):
-    """A TCP transport that records TCP_NODELAY."""
-
-    no_delay = False
-    keep_alive = False
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        self.no_delay = enabled
-
-    def getTcpNoDelay(self) -> bool:
-        return self.no_delay
-
-    def setTcpKeepAlive(self, enabled: bool) -> None:
-        self.keep_alive = enabled
-
-    def getTcpKeepAlive(self) -> bool:
-        return self.keep_alive
-
-    def loseWriteConnection(self) -> None:
-        """Not used."""
 
 
 class Attempt:

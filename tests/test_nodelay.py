@@ -2,35 +2,11 @@
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from oaiproxy.http.nodelay import set_no_delay
-
-
-@implementer(ITCPTransport)
-class FakeTCP(StringTransport):
-    """A TCP transport that records TCP_NODELAY."""
-
-    no_delay = False
-    keep_alive = False
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        self.no_delay = enabled
-
-    def getTcpNoDelay(self) -> bool:
-        return self.no_delay
-
-    def setTcpKeepAlive(self, enabled: bool) -> None:
-        self.keep_alive = enabled
-
-    def getTcpKeepAlive(self) -> bool:
-        return self.keep_alive
-
-    def loseWriteConnection(self) -> None:
-        """Not used."""
+from tests.support.fakes import FakeTCP
 
 
 class Wrapper:

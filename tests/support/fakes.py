@@ -11,7 +11,12 @@ from typing import Any, NoReturn
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IProtocol, IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IPushProducer,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -42,6 +47,41 @@ class HangingEndpoint:
 
         self.attempt = Deferred(cancel)
         return self.attempt
+
+
+class RecordingTransport(StringTransport):
+    """A StringTransport that also keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+@implementer(ITCPTransport)
+class FakeTCP(RecordingTransport):
+    """A TCP transport that records TCP_NODELAY."""
+
+    no_delay = False
+    keep_alive = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return self.no_delay
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.keep_alive = enabled
+
+    def getTcpKeepAlive(self) -> bool:
+        return self.keep_alive
+
+    def loseWriteConnection(self) -> None:
+        """Not used."""
 
 
 @implementer(IStreamClientEndpoint)
