@@ -52,7 +52,7 @@ from oaiproxy.errors import (
     UpstreamProtocolError,
 )
 from oaiproxy.http.chunked import ChunkedDecoder
-from oaiproxy.http.headers import is_valid_name, relayed_downstream
+from oaiproxy.http.headers import HOP_BY_HOP, is_printable, is_valid_name, relayed_downstream
 from oaiproxy.http.nodelay import set_no_delay
 from oaiproxy.http.sendnow import sender, writer
 from oaiproxy.tls import openssl_reasons
@@ -72,21 +72,8 @@ RETRY_WINDOW = 1.0
 
 # Fields about the connection, not the response: kept out of the response's headers (as
 # Twisted's client keeps them), read for framing and persistence.
-_CONTROL = frozenset(
-    {
-        b"connection",
-        b"content-length",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
+_CONTROL = HOP_BY_HOP | {b"content-length", b"proxy-connection"}
 _NO_BODY_CODES = frozenset({204, 304})
-# Printable ASCII but space: what a request target may hold as it is.
-_TARGET_OK = bytes(range(0x21, 0x7F))
 _DIGITS = b"0123456789"
 
 
@@ -111,13 +98,12 @@ def _lost_before_answer(reason: Failure) -> ProxyError:
 
 
 class _Head:
-    """A parsed response head: what L{_parse_head} found, and where the head ended."""
+    """A parsed response head: what L{_parse_head} found."""
 
     __slots__ = (
         "chunked",
         "code",
         "downstream",
-        "end",
         "headers",
         "length",
         "persistent",
@@ -135,7 +121,6 @@ class _Head:
         self.length: int | None = None
         self.chunked = False
         self.persistent = True
-        self.end = 0
 
 
 def _find_head_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int]:
@@ -179,7 +164,7 @@ def _name_info(name: bytes) -> tuple[bytes, bytes, bool] | None:
     return info
 
 
-def _parse_head(data: bytes, head_end: int, body_start: int) -> _Head:
+def _parse_head(data: bytes, head_end: int) -> _Head:
     """
     Parse the response head C{data[:head_end]}.
 
@@ -198,7 +183,6 @@ def _parse_head(data: bytes, head_end: int, body_start: int) -> _Head:
     if b"\x00" in raw:
         raise UpstreamProtocolError("upstream sent an invalid response: NUL in its head")
     head = _Head()
-    head.end = body_start
     status = lines[0].split(b" ", 2)
     if len(status) < 2 or status[0] not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise UpstreamProtocolError("upstream sent an invalid response: not HTTP/1.1")
@@ -506,19 +490,16 @@ class _Connection(Protocol):
         self._persistent = True
         self._until_close = False
         self._sent_at = self._client._clock.seconds()
-        if self._write_now is not None:
-            self._write_now(call.data)
-            if call.body:
-                # Buffered as it is: _write_now would copy what the socket did not take.
-                self.transport.write(call.body)  # type: ignore[union-attr]
-                if self._send_now is not None:
-                    self._send_now()
-            return
         assert self.transport is not None
-        self.transport.write(call.data)
+        write_now = self._write_now
+        if write_now is not None:
+            write_now(call.data)  # sent already, if the socket took it
+        else:
+            self.transport.write(call.data)
         if call.body:
+            # Buffered as it is: write_now would copy what the socket did not take.
             self.transport.write(call.body)
-        if self._send_now is not None:
+        if (write_now is None or call.body) and self._send_now is not None:
             self._send_now()
 
     def abandon(self) -> None:
@@ -527,22 +508,22 @@ class _Connection(Protocol):
         self.close()
 
     def retire(self) -> None:
-        """Close this idle connection gracefully (it is healthy, just not needed)."""
-        if self._state >= _CLOSING:
-            return
-        self._state = _CLOSING
-        self._client._forget(self)
-        if self.transport is not None:
+        """Close this connection gracefully (it is healthy, just not needed any more)."""
+        if self._closing() and self.transport is not None:
             self.transport.loseConnection()
 
     def close(self) -> None:
         """Close this connection at once: nothing more is wanted from it."""
+        if self._closing() and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _closing(self) -> bool:
+        """Mark the connection as being closed (out of the pool); C{False} if it was already."""
         if self._state >= _CLOSING:
-            return
+            return False
         self._state = _CLOSING
         self._client._forget(self)
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+        return True
 
     # -- the body's transport ------------------------------------------------------------
 
@@ -626,7 +607,7 @@ class _Connection(Protocol):
                     self._pending = bytearray(data)
                 return
             try:
-                head = _parse_head(data, head_end, body_start)
+                head = _parse_head(data, head_end)
             except UpstreamProtocolError as e:
                 self._fail(e)
                 return
@@ -671,7 +652,7 @@ class _Connection(Protocol):
             self._body_done()
             return
         if rest:
-            self._body(rest)
+            self.dataReceived(rest)
         if self._response is response and response.waiting:
             self._hold()
 
@@ -690,24 +671,15 @@ class _Connection(Protocol):
         if self._persistent:
             self._state = _IDLE
         else:
-            self._state = _CLOSING
-            self._client._forget(self)
-            if self.transport is not None:
-                self.transport.loseConnection()
+            self.retire()
         call.answered(response)
         if self._state == _IDLE and self._call is None:
             self._client._put_idle(self)
 
     def _body(self, data: bytes) -> None:
+        """Body bytes without chunked framing (a chunked body is decoded in dataReceived)."""
         response = self._response
         assert response is not None
-        decoder = self._decoder
-        if decoder is not None:
-            try:
-                decoder.dataReceived(data)
-            except ValueError as e:  # MalformedChunkedData, or data after the last chunk
-                self._body_failed(Failure(e))
-            return
         if self._until_close:
             response.body_data(data)
             return
@@ -736,10 +708,7 @@ class _Connection(Protocol):
         if self._state >= _CLOSING:
             pass  # stopped by the body's reader as its last bytes arrived: not to be pooled
         elif not self._persistent:
-            self._state = _CLOSING
-            self._client._forget(self)
-            if self.transport is not None:
-                self.transport.loseConnection()
+            self.retire()
         else:
             self._state = _IDLE
         if response is not None:
@@ -863,7 +832,7 @@ class UpstreamClient:
             raise ValueError(f"not a URL of this upstream: {uri!r}")
         # A fragment is the client's own business (RFC 9110 4.2.4), never sent.
         target = uri[len(origin) :].partition(b"#")[0]
-        if target.translate(None, _TARGET_OK):
+        if not is_printable(target):
             raise InvalidRequest("the request target cannot be forwarded as HTTP/1.1")
         if not is_valid_name(method):
             raise InvalidRequest("the method cannot be forwarded as HTTP/1.1")

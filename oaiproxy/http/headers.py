@@ -23,6 +23,7 @@ __all__ = [
     "add_checked",
     "connection_named",
     "downstream_response_headers",
+    "is_printable",
     "is_valid_name",
     "is_valid_reason",
     "is_valid_value",
@@ -63,6 +64,15 @@ _BAD_VALUE = re.compile(rb"[\r\n\x00]")
 def is_valid_name(name: bytes) -> bool:
     """Whether C{name} is an RFC 9110 token (what may be written as an HTTP/1.1 name)."""
     return _TOKEN.fullmatch(name) is not None  # fullmatch: no final LF slips through
+
+
+# Printable ASCII without space: what a request target may hold once written as HTTP/1.1.
+_TARGET_OK = bytes(range(0x21, 0x7F))
+
+
+def is_printable(value: bytes) -> bool:
+    """Whether C{value} is printable ASCII without space (checked in C, not per byte)."""
+    return not value.translate(None, _TARGET_OK)
 
 
 def is_valid_value(value: bytes) -> bool:

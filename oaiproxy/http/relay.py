@@ -12,6 +12,7 @@ that arrive within one reactor turn are coalesced into one downstream write.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -148,10 +149,7 @@ class Relay(Protocol):
         # The body came whole with the head (the upstream client's small answers): written
         # with the head and finished at once, with no producer to register, nothing to pause;
         # to a plain TCP client, in one send.
-        cork = self._corker
-        if cork is not None:
-            cork.start()
-        try:
+        with self._corker or nullcontext():
             if whole:
                 self._buffer.append(whole)
                 self._flush()
@@ -161,9 +159,6 @@ class Relay(Protocol):
                     self._commit()
                 if not request.finished and not getattr(request, "_disconnected", False):
                     request.finish()
-        finally:
-            if cork is not None:
-                cork.send()
         if self._on_end is None:
             return  # the client went away meanwhile
         self._seen_first_byte = True
@@ -331,14 +326,10 @@ class Relay(Protocol):
         if self._write_now is not None and self._request.startedWriting:
             self._write_chunk(data)
             return
-        cork = self._corker
-        if cork is not None:
+        if self._corker is not None:
             # The head and the first data, written by Twisted's request apart: one send.
-            cork.start()
-            try:
+            with self._corker:
                 self._request.write(data)
-            finally:
-                cork.send()
             return
         self._request.write(data)
         if self._send_now is not None:
@@ -395,14 +386,10 @@ class Relay(Protocol):
         self._cleanup()
         request = self._request
         if error is None and not getattr(request, "_disconnected", False) and not request.finished:
-            cork = self._corker
-            if cork is not None:
+            if self._corker is not None:
                 # What finish writes (the last chunk, or a head with no body): one send.
-                cork.start()
-                try:
+                with self._corker:
                     request.finish()
-                finally:
-                    cork.send()
             else:
                 request.finish()
                 if self._send_now is not None:

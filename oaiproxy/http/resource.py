@@ -32,19 +32,16 @@ from oaiproxy.errors import (
 from oaiproxy.http.early import early_error_response, reason_phrase, request_id_for
 from oaiproxy.http.exchange import Exchange
 from oaiproxy.http.forwarder import Forwarder
-from oaiproxy.http.headers import FORWARDED_ALLOW, FORWARDED_METHODS, is_valid_value
+from oaiproxy.http.headers import (
+    FORWARDED_ALLOW,
+    FORWARDED_METHODS,
+    is_printable,
+    is_valid_value,
+)
 
 __all__ = ["ProxyRequest", "ProxyResource", "request_factory", "write_error"]
 
 log = Logger()
-
-# Printable ASCII without space: what a request target may hold once written as HTTP/1.1.
-_TARGET_OK = bytes(range(0x21, 0x7F))
-
-
-def _printable(value: bytes) -> bool:
-    """Whether C{value} is printable ASCII without space (checked in C, not per byte)."""
-    return not value.translate(None, _TARGET_OK)
 
 
 class _Body:
@@ -323,7 +320,7 @@ class ProxyResource(Resource):
         if getattr(request, "body_too_large", False):
             raise BodyTooLarge.over(self._limits.max_body_bytes)
         path = request.path
-        if not path.startswith(b"/") or not _printable(request.uri):
+        if not path.startswith(b"/") or not is_printable(request.uri):
             raise InvalidRequest("invalid request target")
         method = request.method
         if path == b"/healthz":

@@ -100,15 +100,14 @@ class Cork:
             return  # nothing, or a connection that takes nothing more (as write would do)
         # Being closed (a response with Connection: close) is no reason to wait: the reactor
         # closes the connection once its buffer is empty, which it may be at once.
-        if not (connection.dataBuffer or connection._tempDataBuffer):
-            try:
-                sent = connection.socket.send(data)
-            except OSError:
-                sent = 0  # would block, or broken: left to the reactor, as for any write
-            if sent == len(data):
-                return
-            data = data[sent:]
-        connection.write(data)
+        _send_or_buffer(connection, data, connection.dataBuffer or connection._tempDataBuffer)
+
+    def __enter__(self) -> Cork:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.send()
 
 
 def corker(transport: Any) -> Cork | None:
@@ -144,7 +143,16 @@ def _sendable(connection: tcp.Connection) -> bool:
 
 
 def _write(connection: tcp.Connection, data: bytes) -> None:
-    if _sendable(connection) and not (connection.dataBuffer or connection._tempDataBuffer):
+    behind = not _sendable(connection) or connection.dataBuffer or connection._tempDataBuffer
+    _send_or_buffer(connection, data, behind)
+
+
+def _send_or_buffer(connection: tcp.Connection, data: bytes, behind: object) -> None:
+    """
+    Send C{data} straight to the socket, unless C{behind} (something must go first, or the
+    connection may not be sent on here); what is not sent is Twisted's to buffer and send.
+    """
+    if not behind:
         try:
             sent = connection.socket.send(data)
         except OSError:
