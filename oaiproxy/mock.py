@@ -504,7 +504,7 @@ class _MockResource(Resource):
             knobs = _knobs(request, self._config)
             if knobs.fault is not None and knobs.fault.kind not in ("disconnect", "reset"):
                 return self._fault(request, knobs.fault)
-            if method == b"GET" and path == b"/v1/models":
+            if method in (b"GET", b"HEAD") and path == b"/v1/models":
                 return self._models(request)
             if method == b"POST" and path == b"/v1/chat/completions":
                 return self._completion(request, knobs, _read_json(request), chat=True)
@@ -569,7 +569,12 @@ class _MockResource(Resource):
         data = [
             {"id": i, "object": "model", "created": 0, "owned_by": "oaiproxy-mock"} for i in ids
         ]
-        return _json_response(request, 200, {"object": "list", "data": data})
+        body = _json_response(request, 200, {"object": "list", "data": data})
+        if request.method == b"HEAD":
+            # As GET, without the body: its length is said (Twisted would log eating it).
+            request.setHeader(b"content-length", b"%d" % (len(body),))
+            return b""
+        return body
 
     def _model(self, body: _Json) -> str:
         """The model a request named, echoed as OpenAI does, else the configured one."""

@@ -402,6 +402,40 @@ class HeaderTests(TestCase):
         self.assertNotIn(_SECRET.encode(), response.content)
         self.assertNotIn(_SECRET, str(response.headers))
 
+    async def test_head_keeps_upstream_content_length(self) -> None:
+        """
+        A HEAD answer carries the upstream's Content-Length (that of the body a GET would
+        get), over HTTP/1.1 and HTTP/2, and no body.
+        """
+        mock = start_mock(self, "a")
+        proxy = start_proxy(self, [mock.upstream()])
+        get = await _get(f"{proxy.http_url}/v1/models")
+        self.assertEqual(get.status_code, 200)
+        for url, client in (
+            (proxy.http_url, _http1),
+            (proxy.https_url, lambda: _http2(proxy)),
+        ):
+
+            def head(url: str = url, client: Callable[[], httpx.Client] = client) -> Any:
+                with client() as http:
+                    return http.head(f"{url}/v1/models")
+
+            response = await _in_thread(head)
+            self.assertEqual(response.status_code, 200, url)
+            self.assertEqual(response.headers["content-length"], str(len(get.content)), url)
+            self.assertEqual(response.content, b"", url)
+        self.assertEqual(response.http_version, "HTTP/2")
+
+    async def test_not_modified_keeps_content_length(self) -> None:
+        """A 304 keeps the upstream's Content-Length; a 204 gets none."""
+        for status, expected in ((b"304 Not Modified", "7"), (b"204 No Content", None)):
+            raw = start_raw_upstream(self, b"HTTP/1.1 %s\r\nContent-Length: 7\r\n\r\n" % status)
+            proxy = start_proxy(self, [raw])
+            response = await _get(f"{proxy.http_url}/v1/files/f")
+            self.assertEqual(response.status_code, int(status[:3]))
+            self.assertEqual(response.headers.get("content-length"), expected, status)
+            self.assertEqual(response.content, b"")
+
     async def test_upstream_hop_by_hop_headers_dropped(self) -> None:
         """
         Headers the upstream's Connection names, and Proxy-* headers, do not reach the client

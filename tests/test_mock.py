@@ -633,6 +633,18 @@ class OtherEndpointTests(SynchronousTestCase):
         self.assertEqual(len(ids), len(set(ids)))
         self.assertEqual({model["object"] for model in listing["data"]}, {"model"})
 
+    def test_models_head_says_the_length(self) -> None:
+        """HEAD /v1/models is a 200 with the Content-Length of the GET's body and no body."""
+        exchange = _Exchange()
+        exchange.send(b"GET", b"/v1/models")
+        length = len(exchange.response().body)
+        exchange = _Exchange()
+        exchange.send(b"HEAD", b"/v1/models")
+        head, _, rest = exchange.transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b"\r\nContent-Length: %d" % (length,), head)
+        self.assertEqual(rest, b"")
+
     def test_echoes_received_headers(self) -> None:
         """The upstream name and the received Authorization, Host and x-request-id come back."""
         exchange = _Exchange(MockConfig(name="east"))

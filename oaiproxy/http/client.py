@@ -295,6 +295,9 @@ class _Response:
         #: framing fields left out), found while parsing the head.
         self.downstream_fields = head.downstream
         self.length = length
+        #: The upstream's Content-Length, checked, even where no body follows (HEAD, 304):
+        #: the length of the body a GET would have had.
+        self.declared_length = head.length
         self._transport = _BodyTransport(connection)
         self._protocol: IProtocol | None = None
         self._delivering = False

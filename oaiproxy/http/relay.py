@@ -304,11 +304,13 @@ class Relay(Protocol):
             set_checked(out, b"x-accel-buffering", b"no")
             if not out.hasHeader(b"cache-control"):
                 set_checked(out, b"cache-control", b"no-cache")
-        elif (
-            response.length is not UNKNOWN_LENGTH
-            and request.method != b"HEAD"
-            and response.code not in (204, 304)
-        ):
+        elif request.method == b"HEAD" or response.code == 304:
+            # No body follows; the length the upstream said is that of the body a GET would
+            # have had (RFC 9110 8.6), and goes out as it came.
+            declared: int | None = getattr(response, "declared_length", None)
+            if declared is not None:
+                set_checked(out, b"content-length", b"%d" % (declared,))
+        elif response.length is not UNKNOWN_LENGTH and response.code != 204:
             set_checked(out, b"content-length", b"%d" % (response.length,))
 
     def _flush(self) -> None:
