@@ -12,12 +12,7 @@ from typing import Any, Protocol
 from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -45,6 +40,7 @@ from oaiproxy.errors import (
     UpstreamProtocolError,
 )
 from oaiproxy.http.client import UpstreamClient, tls_failure
+from oaiproxy.http.eagerconnect import EagerTCPEndpoint
 from oaiproxy.http.headers import upstream_request_headers
 from oaiproxy.tls import upstream_tls_options
 
@@ -124,11 +120,10 @@ def _endpoint(
     """Where one upstream's connections are made: TCP, TLS with verification, a deadline."""
     endpoint: IStreamClientEndpoint
     # An address needs no name resolution: Twisted's resolver would still send it through
-    # getaddrinfo on its thread pool, a thread hop (and a queue) per new connection.
-    if isIPAddress(config.host):
-        endpoint = TCP4ClientEndpoint(reactor, config.host, config.port)
-    elif isIPv6Address(config.host):
-        endpoint = TCP6ClientEndpoint(reactor, config.host, config.port)
+    # getaddrinfo on its thread pool, a thread hop (and a queue) per new connection. Its
+    # connections are made at once where the kernel allows (see eagerconnect).
+    if isIPAddress(config.host) or isIPv6Address(config.host):
+        endpoint = EagerTCPEndpoint(reactor, config.host, config.port)
     else:
         endpoint = HostnameEndpoint(reactor, config.host, config.port)
     if config.is_tls:

@@ -1,0 +1,125 @@
+"""Upstream TCP connections made in the call that asks for them, over real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+from errno import EALREADY
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import TestCase
+
+from oaiproxy.http import eagerconnect
+from oaiproxy.http.eagerconnect import EagerTCPEndpoint
+from tests.support.servers import refused_port, wait_for
+
+reactor: Any = _reactor
+
+
+class _Server(Protocol):
+    """Keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+class _Greeter(Protocol):
+    """Writes a greeting as soon as it is connected, as the upstream client writes a request."""
+
+    made = False
+
+    def connectionMade(self) -> None:
+        self.made = True
+        assert self.transport is not None
+        self.transport.write(b"hello")
+
+
+class _HandshakeUnderWay(socket.socket):
+    """A socket whose second connect says the handshake is still under way (a remote peer)."""
+
+    calls = 0
+
+    def connect_ex(self, address: Any) -> int:
+        _HandshakeUnderWay.calls += 1
+        if _HandshakeUnderWay.calls == 2:
+            return EALREADY
+        return super().connect_ex(address)
+
+
+class EagerConnectTests(TestCase):
+    """When the kernel completes the handshake at once, the connection is made in the call."""
+
+    def listen(self) -> tuple[int, list[_Server]]:
+        servers: list[_Server] = []
+
+        def build() -> _Server:
+            servers.append(_Server())
+            return servers[-1]
+
+        port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port, servers
+
+    async def test_connected_and_written_in_the_call(self) -> None:
+        """
+        A loopback connection is made before connect returns: its Deferred has fired, the
+        protocol's connectionMade has run, and what it wrote reaches the peer.
+        """
+        port, servers = self.listen()
+        d = EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(_Greeter))
+        protocol = self.successResultOf(d)
+        assert isinstance(protocol, _Greeter)
+        self.assertTrue(protocol.made)
+        assert protocol.transport is not None
+        self.addCleanup(protocol.transport.loseConnection)
+        await wait_for(lambda: bool(servers) and servers[0].data == b"hello", "the greeting")
+
+    async def test_refusal_reported_later(self) -> None:
+        """A refused connection fails its Deferred on a later turn, never inside the call."""
+        endpoint = EagerTCPEndpoint(reactor, "127.0.0.1", refused_port(self))
+        d = endpoint.connect(Factory.forProtocol(_Greeter))
+        self.assertNoResult(d)
+        with self.assertRaises(ConnectionRefusedError):
+            await d
+
+    async def test_handshake_under_way_left_to_the_reactor(self) -> None:
+        """
+        A handshake the kernel has not finished is completed by Twisted's own path (its
+        writable event): no result in the call, then the connection as usual, made once.
+        """
+        port, servers = self.listen()
+        _HandshakeUnderWay.calls = 0
+
+        def create(client: Any) -> socket.socket:
+            s = _HandshakeUnderWay(client.addressFamily, client.socketType)
+            s.setblocking(False)
+            return s
+
+        self.patch(eagerconnect._EagerClient, "createInternetSocket", create)
+        built: list[_Greeter] = []
+
+        def build() -> _Greeter:
+            built.append(_Greeter())
+            return built[-1]
+
+        d = EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(build))
+        self.assertNoResult(d)
+        self.assertEqual(built, [])
+        protocol: Any = await d
+        self.addCleanup(protocol.transport.loseConnection)
+        self.assertEqual(built, [protocol])
+        self.assertGreaterEqual(_HandshakeUnderWay.calls, 3)  # Twisted connected it again
+        await wait_for(lambda: bool(servers) and servers[0].data == b"hello", "the greeting")
+
+    def test_recording_reactor_gets_the_connect(self) -> None:
+        """A reactor that only records connections (tests' fakes) is asked to connect."""
+        memory = MemoryReactor()
+        d = EagerTCPEndpoint(memory, "10.0.0.1", 9000).connect(Factory.forProtocol(_Greeter))
+        self.assertNoResult(d)
+        self.assertEqual([(h, p) for h, p, *_ in memory.tcpClients], [("10.0.0.1", 9000)])
