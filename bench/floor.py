@@ -13,12 +13,20 @@ None of them is a usable proxy. Each drops something oaiproxy must do:
 - C{agent}: a twisted.web C{Site} and Twisted's C{Agent} on a persistent pool, with the body
   relayed as it arrives (no header filtering, no validation, no deadlines, no failover, no
   backpressure). What Twisted's HTTP server and client cost together.
+- C{epoll}: a TCP byte relay in pure Python on C{select.epoll}, without Twisted (its reactor
+  is imported with this module but never run). One upstream connection per client
+  connection, bytes copied both ways with one C{recv} and one C{send} per event, backpressure
+  and half-closes relayed; no HTTP at all. The least any Python proxy can cost.
 
 Run: C{python -m bench.floor MODE LISTEN_PORT UPSTREAM_PORT}; it listens on 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import select
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -221,9 +229,214 @@ class _AgentResource(Resource):
         return server.NOT_DONE_YET
 
 
+# -- epoll -------------------------------------------------------------------------------
+
+# Level-triggered: each readiness event then costs exactly one recv (or one send), since
+# whatever a read leaves in the kernel is reported again; edge-triggered would need a read
+# until EAGAIN on every event (in Python an extra syscall and a raised BlockingIOError each
+# time) and readiness remembered by hand for a socket paused by backpressure. Backpressure is
+# taking EPOLLIN out of the interest set, an epoll_ctl only when a buffer fills or drains.
+# A socket with nothing to wait for is unregistered: a level-triggered EPOLLHUP or EPOLLERR
+# on it would otherwise wake the loop again and again.
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
+class _Side:
+    """One socket of a relayed pair, and the bytes still owed to it."""
+
+    __slots__ = ("closed", "connecting", "eof", "fd", "mask", "out", "peer", "shut", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = self
+        self.out = b""  # read from the peer, not yet taken by send
+        self.eof = False  # nothing more will be read from it (its end read, or the peer gone)
+        self.shut = False  # its write side is shut down: the peer's end was relayed
+        self.closed = False
+        self.connecting = False
+        self.mask = 0  # the registered interest; 0: not registered
+
+
+class _EpollRelay:
+    def __init__(self, listen: int, upstream: int) -> None:
+        self._upstream = ("127.0.0.1", upstream)
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", listen))
+        self._listener.listen(511)
+        self._listener.setblocking(False)
+        self._epoll = select.epoll()
+        self._epoll.register(self._listener.fileno(), _IN)
+        self._sides: dict[int, _Side] = {}
+
+    def run(self) -> None:
+        listener = self._listener.fileno()
+        sides = self._sides
+        poll = self._epoll.poll
+        while True:
+            accept = False
+            for fd, events in poll():
+                if fd == listener:
+                    # After the batch: a descriptor closed in it cannot be reused meanwhile
+                    # and take a stale event of the batch.
+                    accept = True
+                    continue
+                side = sides.get(fd)
+                if side is None:
+                    continue
+                if side.connecting:
+                    self._connected(side)
+                    continue
+                if events & _WRITABLE and side.out:
+                    self._write(side)
+                if events & _READABLE and side.mask & _IN:
+                    self._read(side)
+            if accept:
+                self._accept()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError:
+                return  # out of descriptors: the listener stays readable, retried next time
+            try:
+                up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            except OSError:
+                conn.close()
+                return
+            for sock in (conn, up):
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = up.connect_ex(self._upstream)
+            down, upside = _Side(conn), _Side(up)
+            down.peer, upside.peer = upside, down
+            self._sides[down.fd] = down
+            self._sides[upside.fd] = upside
+            if err == errno.EINPROGRESS:
+                # The client is not read (nor registered) until the upstream is connected.
+                upside.connecting = True
+                upside.mask = _OUT
+                self._epoll.register(upside.fd, _OUT)
+            elif err:
+                self._fail(upside)
+            else:
+                self._update(upside)
+                self._update(down)
+
+    def _connected(self, up: _Side) -> None:
+        up.connecting = False
+        if up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self._fail(up)
+        else:
+            self._update(up)
+            self._update(up.peer)
+
+    def _read(self, side: _Side) -> None:
+        try:
+            data = side.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._fail(side)
+            return
+        if not data:
+            side.eof = True
+            self._settle(side)
+            return
+        peer = side.peer
+        try:
+            sent = peer.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._fail(peer)
+            return
+        if sent < len(data):
+            # Buffer the rest, and read no more from this side until the peer took it.
+            peer.out = data[sent:]
+            self._update(side)
+            self._update(peer)
+
+    def _write(self, side: _Side) -> None:
+        try:
+            sent = side.sock.send(side.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._fail(side)
+            return
+        side.out = side.out[sent:]
+        if not side.out:
+            self._settle(side)
+
+    def _fail(self, side: _Side) -> None:
+        """C{side}'s socket broke: close it; its peer is closed once what it is owed is sent."""
+        side.eof = True
+        side.out = b""
+        self._close(side)
+        self._settle(side.peer)
+
+    def _settle(self, side: _Side) -> None:
+        """
+        After an end read, a buffer drained or a socket closed: relay an end whose bytes are
+        all sent as a half-close, close a socket done both ways, re-arm the others.
+        """
+        pair = (side, side.peer)
+        for s in pair:
+            if s.closed:
+                continue
+            if s.peer.closed:
+                s.eof = True  # nowhere to relay its bytes to
+            if s.peer.eof and not s.out and not s.shut:
+                s.shut = True
+                with contextlib.suppress(OSError):
+                    s.sock.shutdown(socket.SHUT_WR)
+        for s in pair:
+            if s.closed:
+                continue
+            if s.eof and s.shut:
+                self._close(s)
+            else:
+                self._update(s)
+
+    def _update(self, side: _Side) -> None:
+        """Register what C{side} waits for: bytes to send, or room in its peer to read into."""
+        want = _OUT if side.out else 0
+        if not side.eof and not side.peer.out:
+            want |= _IN
+        if want == side.mask:
+            return
+        if not side.mask:
+            self._epoll.register(side.fd, want)
+        elif not want:
+            self._epoll.unregister(side.fd)
+        else:
+            self._epoll.modify(side.fd, want)
+        side.mask = want
+
+    def _close(self, side: _Side) -> None:
+        # Closing the descriptor takes it out of the epoll set too.
+        side.closed = True
+        side.mask = 0
+        del self._sides[side.fd]
+        side.sock.close()
+
+
 def main(argv: list[str]) -> None:
     """Run the floor proxy C{argv[0]} on port C{argv[1]} in front of port C{argv[2]}."""
     mode, listen, upstream = argv[0], int(argv[1]), int(argv[2])
+    if mode == "epoll":
+        _EpollRelay(listen, upstream).run()
+        return
     factory: Any
     if mode == "raw":
         _RawDownstream.upstream_port = upstream
@@ -236,7 +449,7 @@ def main(argv: list[str]) -> None:
         site.noisy = False
         factory = site
     else:
-        raise SystemExit(f"unknown floor mode {mode!r}: raw, web or agent")
+        raise SystemExit(f"unknown floor mode {mode!r}: raw, web, agent or epoll")
     TCP4ServerEndpoint(reactor, listen, backlog=511, interface="127.0.0.1").listen(factory)
     reactor.run()
 

@@ -159,7 +159,7 @@ def start_oaiproxy(
 
 
 def start_floor(workdir: Path, mode: str, port: int, upstream_port: int) -> Child:
-    """A floor proxy of L{bench.floor} (C{raw}, C{web} or C{agent}) in front of the mock."""
+    """A floor proxy of L{bench.floor} (C{raw}, C{web}, C{agent} or C{epoll}) before the mock."""
     argv = [sys.executable, "-m", "bench.floor", mode, str(port), str(upstream_port)]
     child = _spawn(f"floor-{mode}", argv, workdir, _python_env())
     wait_for_port(port, proc=child.proc)

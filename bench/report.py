@@ -149,9 +149,10 @@ def write_report(path: Path, bench: Bench, *, started: float, elapsed: float) ->
         "keep-alive, `listen ... ssl http2` with oaiproxy's self-signed certificate) run side "
         "by side on loopback. Everything, load generators included, shares the same cores, so "
         "the mock (a Python process) caps what 'direct' and 'nginx' can reach; the ratios "
-        "compare oaiproxy with nginx in front of that same mock. Three floor proxies "
+        "compare oaiproxy with nginx in front of that same mock. Four floor proxies "
         "(`bench/floor.py`: a Twisted TCP byte relay, twisted.web with a minimal client, "
-        "twisted.web with `Agent`; none of them a usable proxy) run beside them in "
+        "twisted.web with `Agent`, a pure-Python epoll byte relay without Twisted; none of "
+        "them a usable proxy) run beside them in "
         "measurements 2 and 5, to show what Twisted itself costs on this machine.",
         "",
         "## Results",

@@ -181,6 +181,7 @@ FLOORS = {
     "floor-raw": "Twisted TCP byte relay",
     "floor-web": "twisted.web + minimal client",
     "floor-agent": "twisted.web + Agent",
+    "floor-epoll": "pure-Python epoll byte relay (no Twisted)",
 }
 
 
@@ -404,7 +405,7 @@ class Bench:
 
     def warm_up(self) -> None:
         """A few requests down every path, so imports and first connections are done."""
-        for target in ("direct", "nginx", "oaiproxy", "floor-raw", "floor-agent"):
+        for target in ("direct", "nginx", "oaiproxy", "floor-raw", "floor-agent", "floor-epoll"):
             run = run_streams(
                 self._port(target), streams=4, chunks=20, chunk_size=8, delay_ms=0, timeout=20
             )
@@ -657,7 +658,7 @@ class Bench:
     def measure_ttft(self) -> None:
         s = self.settings
         ideal = s.ttft_chunks * s.ttft_delay_ms / 1000
-        targets = ("direct", "nginx", "oaiproxy", "floor-raw", "floor-agent")
+        targets = ("direct", "nginx", "oaiproxy", "floor-raw", "floor-agent", "floor-epoll")
         rounds: dict[str, list[StreamRun]] = {t: [] for t in targets}
         drops_before = tcp_listen_drops()
         # Bursts vary a lot from one to the next on two shared cores: rounds of every target
@@ -758,7 +759,7 @@ class Bench:
                 f"{over50:+.1f} ms",
                 "; ".join(
                     f"{FLOORS[f]} {p50[f] - p50['direct']:+.1f} ms ({done[f]}/{total[f]} done)"
-                    for f in ("floor-raw", "floor-agent")
+                    for f in ("floor-raw", "floor-agent", "floor-epoll")
                 ),
                 "",
                 "info",
