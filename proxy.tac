@@ -65,6 +65,9 @@ config = ProxyConfig(
         max_attempts=3,  # upstreams tried per request, only before the first byte; then 502,
         #   or the last upstream's own answer when it answered (a 5xx passes through)
         upstream_connections=256,  # idle keep-alive connections kept per upstream
+        upstream_keepalive=4.0,  # seconds one is kept idle: below the upstream's own keep-alive
+        #   timeout (uvicorn's, behind vLLM and LiteLLM, is 5 s); longer for upstreams that keep
+        #   theirs longer (nginx 75 s, Twisted 60 s), so that bursts find warm connections
     ),
     state_dir=".oaiproxy",  # generated files (the self-signed certificate)
 )

@@ -81,6 +81,11 @@ class Limits:
         503 and is closed.
     @ivar max_attempts: upstreams tried for one request before giving up (failover bound).
     @ivar upstream_connections: idle persistent connections kept per upstream.
+    @ivar upstream_keepalive: seconds an idle persistent upstream connection is kept. Keep
+        it below the upstream's own keep-alive timeout (uvicorn's default, behind vLLM and
+        LiteLLM, is 5 s): a request sent as the upstream closes the connection is lost with
+        it (the proxy sends it again on a new connection when that happens within a second
+        of sending it on a reused one, see L{oaiproxy.http.client.RETRY_WINDOW}).
     """
 
     max_body_bytes: int = 32 * MiB
@@ -92,6 +97,7 @@ class Limits:
     max_connections: int = 10_000
     max_attempts: int = 3
     upstream_connections: int = 256
+    upstream_keepalive: float = 4.0
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 0:
@@ -112,6 +118,8 @@ class Limits:
             raise ConfigError("max_attempts must be at least 1")
         if self.upstream_connections < 1:
             raise ConfigError("upstream_connections must be at least 1")
+        if not self.upstream_keepalive > 0:
+            raise ConfigError("upstream_keepalive must be positive")
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,6 @@ __all__ = ["build_service", "build_site"]
 
 log = Logger()
 
-#: Seconds an idle pooled upstream connection is kept: below uvicorn's 5 s keep-alive default
-#: (vLLM, LiteLLM), so the proxy does not race the upstream's close.
-UPSTREAM_KEEPALIVE = 4.0
-
 DEMO_BANNER = """
 ==========================================================================
   oaiproxy DEMO MODE: the upstreams are built-in MOCK servers.
@@ -113,7 +109,7 @@ def build_site(
         upstreams,
         connect_timeout=config.deadlines.connect,
         idle_connections=config.limits.upstream_connections,
-        keepalive=UPSTREAM_KEEPALIVE,
+        keepalive=config.limits.upstream_keepalive,
     )
     resource = ProxyResource(
         pool=Pool(pool_config, upstreams),

@@ -118,6 +118,8 @@ class ProxyConfigTests(SynchronousTestCase):
         self.assertRaises(ConfigError, Deadlines, idle=0)
         self.assertRaises(ConfigError, Limits, stream_high_water=10)
         self.assertRaises(ConfigError, Limits, max_attempts=0)
+        self.assertRaises(ConfigError, Limits, upstream_keepalive=0)
+        self.assertRaises(ConfigError, Limits, upstream_keepalive=float("nan"))
 
     def test_pool_names_unique(self) -> None:
         """Two upstreams with the same name in a pool are refused."""

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from oaiproxy.config import ConfigError, ListenerConfig, PoolConfig, ProxyConfig, UpstreamConfig
-from oaiproxy.service import build_service
+from oaiproxy.service import build_service, build_site
 from oaiproxy.tap import Options, makeService
 
 
@@ -87,11 +88,33 @@ class OptionsTests(SynchronousTestCase):
             ("--attempts", "1.5"),
             ("--client-idle", "abc"),
             ("--connect-timeout", "soon"),
+            ("--upstream-keepalive", "long"),
         ):
             with self.assertRaises(usage.UsageError) as caught:
                 parse(*base, option, value)
             self.assertIn(option, str(caught.exception))
             self.assertIn(repr(value), str(caught.exception))
+
+    def test_upstream_keepalive_reaches_the_clients(self) -> None:
+        """
+        --upstream-keepalive is how long the upstream clients keep an idle connection; 4 s
+        (below uvicorn's 5 s) without it.
+        """
+        import oaiproxy.service
+        from oaiproxy.http.forwarder import build_agents as real
+
+        seen: list[float] = []
+
+        def spy(reactor: object, upstreams: object, **kwargs: Any) -> Any:
+            seen.append(kwargs["keepalive"])
+            return real(reactor, upstreams, **kwargs)  # type: ignore[arg-type]
+
+        self.patch(oaiproxy.service, "build_agents", spy)
+        base = ["--listen", "tcp:1", "--upstream", "http://127.0.0.1:9/v1"]
+        for extra in ([], ["--upstream-keepalive", "60"]):
+            config = parse(*base, *extra)
+            build_site(config, MemoryReactorClock(), config.pools[0], {}).resource.close()
+        self.assertEqual(seen, [4.0, 60.0])
 
     def test_quiet_dispatch_installed(self) -> None:
         """makeService installs the epoll loop without the legacy log context."""
