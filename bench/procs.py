@@ -19,6 +19,8 @@ from typing import IO
 
 __all__ = [
     "REPO",
+    "UPSTREAM_IDLE",
+    "UPSTREAM_KEEPALIVE",
     "Child",
     "cpu_seconds",
     "free_port",
@@ -134,10 +136,29 @@ def start_mock(workdir: Path, port: int) -> Child:
     return child
 
 
+#: Seconds both proxies keep an idle upstream connection in the bench (nginx's
+#: C{keepalive_timeout} in its upstream block, oaiproxy's C{--upstream-keepalive}): below the
+#: mock's own 60 s (Twisted's web server), as an operator sets it for a known upstream.
+UPSTREAM_KEEPALIVE = 50
+
+#: Idle upstream connections both proxies keep (oaiproxy's default; nginx's C{keepalive}).
+UPSTREAM_IDLE = 256
+
+
 def start_oaiproxy(
-    workdir: Path, http_port: int, tls_port: int, upstream_port: int, state_dir: Path
+    workdir: Path,
+    http_port: int,
+    tls_port: int | None,
+    upstream_port: int,
+    state_dir: Path,
+    *,
+    name: str = "oaiproxy",
+    keepalive: float | None = UPSTREAM_KEEPALIVE,
 ) -> Child:
-    """oaiproxy under twistd: plain HTTP/1.1 and TLS (h2, http/1.1) listeners, one upstream."""
+    """
+    oaiproxy under twistd: a plain HTTP/1.1 listener, a TLS one (h2, http/1.1) unless
+    C{tls_port} is None, one upstream; C{keepalive} None keeps the proxy's default.
+    """
     argv = [
         str(_VENV_BIN / "twistd"),
         "-n",
@@ -145,16 +166,21 @@ def start_oaiproxy(
         "oaiproxy",
         "--listen",
         f"tcp:{http_port}:interface=127.0.0.1",
-        "--listen",
-        f"ssl:{tls_port}:selfsigned:interface=127.0.0.1",
         "--upstream",
         f"http://127.0.0.1:{upstream_port}/v1",
+        "--upstream-connections",
+        str(UPSTREAM_IDLE),
         "--state-dir",
         str(state_dir),
     ]
-    child = _spawn("oaiproxy", argv, workdir, _python_env())
+    if tls_port is not None:
+        argv += ["--listen", f"ssl:{tls_port}:selfsigned:interface=127.0.0.1"]
+    if keepalive is not None:
+        argv += ["--upstream-keepalive", f"{keepalive:g}"]
+    child = _spawn(name, argv, workdir, _python_env())
     wait_for_port(http_port, proc=child.proc)
-    wait_for_port(tls_port, proc=child.proc)
+    if tls_port is not None:
+        wait_for_port(tls_port, proc=child.proc)
     return child
 
 
@@ -170,7 +196,9 @@ def nginx_config(
     prefix: Path, *, http_port: int, tls_port: int, upstream_port: int, cert: Path, key: Path
 ) -> str:
     """
-    One worker, HTTP/1.1 to a keep-alive upstream pool, no response buffering, h2 over TLS.
+    One worker, HTTP/1.1 to a keep-alive upstream pool (kept as oaiproxy's is:
+    L{UPSTREAM_IDLE} connections, L{UPSTREAM_KEEPALIVE} seconds), no response buffering, h2
+    over TLS.
 
     Limits on requests per connection are raised so that the load generators' connections
     are not recycled during a run (wrk and h2load keep theirs open).
@@ -194,7 +222,8 @@ http {{
     keepalive_timeout 75s;
     upstream mock {{
         server 127.0.0.1:{upstream_port};
-        keepalive 64;
+        keepalive {UPSTREAM_IDLE};
+        keepalive_timeout {UPSTREAM_KEEPALIVE}s;
         keepalive_requests 1000000;
     }}
     server {{

@@ -16,7 +16,7 @@ from pathlib import Path
 import h2
 import twisted
 
-from bench.procs import REPO
+from bench.procs import REPO, UPSTREAM_IDLE, UPSTREAM_KEEPALIVE
 from bench.suite import Bench
 
 __all__ = ["machine_info", "write_report"]
@@ -145,9 +145,12 @@ def write_report(path: Path, bench: Bench, *, started: float, elapsed: float) ->
         "[`FINDINGS.md`](FINDINGS.md) from these profiles.",
         "",
         "Setup: the mock upstream (`python -m oaiproxy.mock`, Twisted, one process), oaiproxy "
-        "(twistd, one process) and nginx (one worker, `proxy_buffering off`, HTTP/1.1 upstream "
-        "keep-alive, `listen ... ssl http2` with oaiproxy's self-signed certificate) run side "
-        "by side on loopback. Everything, load generators included, shares the same cores, so "
+        "(twistd, one process) and nginx (one worker, `proxy_buffering off`, `listen ... ssl "
+        "http2` with oaiproxy's self-signed certificate) run side by side on loopback. Both "
+        f"proxies keep up to {UPSTREAM_IDLE} idle HTTP/1.1 connections to the mock for "
+        f"{UPSTREAM_KEEPALIVE} s (below the mock's own 60 s; oaiproxy's default is 4 s, for "
+        "uvicorn's 5 s); a second oaiproxy with that default runs in measurement 5. "
+        "Everything, load generators included, shares the same cores, so "
         "the mock (a Python process) caps what 'direct' and 'nginx' can reach; the ratios "
         "compare oaiproxy with nginx in front of that same mock. Four floor proxies "
         "(`bench/floor.py`: a Twisted TCP byte relay, twisted.web with a minimal client, "

@@ -173,6 +173,7 @@ class _Targets:
     tls: int = 0
     nginx_http: int = 0
     nginx_tls: int = 0
+    http_4s: int = 0
     floors: dict[str, int] = field(default_factory=dict)
 
 
@@ -183,6 +184,9 @@ FLOORS = {
     "floor-agent": "twisted.web + Agent",
     "floor-epoll": "pure-Python epoll byte relay (no Twisted)",
 }
+
+#: The floor proxies that can relay a stream (the minimal client reads by Content-Length).
+_STREAMING_FLOORS = ("floor-raw", "floor-agent", "floor-epoll")
 
 
 def _fmt_ms(ms: float) -> str:
@@ -250,7 +254,9 @@ class Bench:
         self.load_average = os.getloadavg()[0]
         self.source = source_version()
         p = self.ports
-        p.mock, p.http, p.tls, p.nginx_http, p.nginx_tls = (free_port() for _ in range(5))
+        p.mock, p.http, p.tls, p.nginx_http, p.nginx_tls, p.http_4s = (
+            free_port() for _ in range(6)
+        )
         self.mock = start_mock(self.workdir, p.mock)
         self.children.append(self.mock)
         self._command("mock upstream", self.mock.argv, "PYTHONPATH=<repo> ")
@@ -258,6 +264,13 @@ class Bench:
         self.proxy = start_oaiproxy(self.workdir, p.http, p.tls, p.mock, state)
         self.children.append(self.proxy)
         self._command("oaiproxy", self.proxy.argv, "PYTHONPATH=<repo> ")
+        # A second oaiproxy with the default upstream keep-alive (4 s, for uvicorn's 5 s), for
+        # measurement 5 only: bursts 10 s apart each find its upstream pool empty.
+        proxy_4s = start_oaiproxy(
+            self.workdir, p.http_4s, None, p.mock, state, name="oaiproxy-4s", keepalive=None
+        )
+        self.children.append(proxy_4s)
+        self._command("oaiproxy-4s", proxy_4s.argv, "PYTHONPATH=<repo> ")
         cert, key = state / "selfsigned-cert.pem", state / "selfsigned-key.pem"
         self.nginx, conf = start_nginx(
             self.workdir,
@@ -372,7 +385,12 @@ class Bench:
         p = self.ports
         if target in p.floors:
             return p.floors[target]
-        return {"direct": p.mock, "nginx": p.nginx_http, "oaiproxy": p.http}[target]
+        return {
+            "direct": p.mock,
+            "nginx": p.nginx_http,
+            "oaiproxy": p.http,
+            "oaiproxy-4s": p.http_4s,
+        }[target]
 
     # -- the run --------------------------------------------------------------------------
 
@@ -405,7 +423,7 @@ class Bench:
 
     def warm_up(self) -> None:
         """A few requests down every path, so imports and first connections are done."""
-        for target in ("direct", "nginx", "oaiproxy", "floor-raw", "floor-agent", "floor-epoll"):
+        for target in ("direct", "nginx", "oaiproxy", "oaiproxy-4s", *_STREAMING_FLOORS):
             run = run_streams(
                 self._port(target), streams=4, chunks=20, chunk_size=8, delay_ms=0, timeout=20
             )
@@ -658,7 +676,7 @@ class Bench:
     def measure_ttft(self) -> None:
         s = self.settings
         ideal = s.ttft_chunks * s.ttft_delay_ms / 1000
-        targets = ("direct", "nginx", "oaiproxy", "floor-raw", "floor-agent", "floor-epoll")
+        targets = ("direct", "nginx", "oaiproxy", "oaiproxy-4s", *_STREAMING_FLOORS)
         rounds: dict[str, list[StreamRun]] = {t: [] for t in targets}
         drops_before = tcp_listen_drops()
         # Bursts vary a lot from one to the next on two shared cores: rounds of every target
@@ -759,8 +777,24 @@ class Bench:
                 f"{over50:+.1f} ms",
                 "; ".join(
                     f"{FLOORS[f]} {p50[f] - p50['direct']:+.1f} ms ({done[f]}/{total[f]} done)"
-                    for f in ("floor-raw", "floor-agent", "floor-epoll")
+                    for f in _STREAMING_FLOORS
                 ),
+                "",
+                "info",
+            )
+        )
+        over_4s = p50["oaiproxy-4s"] - p50["direct"]
+        self._row(
+            Row(
+                "5",
+                "TTFT p50 overhead in the same bursts, oaiproxy with its default upstream "
+                "keep-alive (4 s: each burst on a cold upstream pool)",
+                "-",
+                "-",
+                f"{over50:+.1f} ms",
+                f"oaiproxy --upstream-keepalive 4 (default): {over_4s:+.1f} ms "
+                f"(p99 {p99['oaiproxy-4s'] - p99['direct']:+.1f} ms; "
+                f"{done['oaiproxy-4s']}/{total['oaiproxy-4s']} done)",
                 "",
                 "info",
             )
