@@ -214,7 +214,12 @@ def _children_cpu() -> float:
 
 
 def _cpu_text(cpu: dict[str, float]) -> str:
-    procs = ", ".join(f"{k} {v:.0f}%" for k, v in cpu.items() if k != "machine")
+    # The other proxies (floors, the 4 s oaiproxy) are named only while they work.
+    procs = ", ".join(
+        f"{k} {v:.0f}%"
+        for k, v in cpu.items()
+        if k != "machine" and (k in ("mock", "oaiproxy", "nginx") or v >= 0.5)
+    )
     return f"CPU (% of one core): {procs}; whole machine {cpu['machine']:.0f}% of all cores"
 
 
@@ -245,6 +250,8 @@ class Bench:
     mock: Child | None = None
     proxy: Child | None = None
     nginx: Child | None = None
+    #: The other proxies of measurement 5 (the 4 s oaiproxy, the floors), by target name.
+    others: dict[str, Child] = field(default_factory=dict)
 
     # -- processes ------------------------------------------------------------------------
 
@@ -270,6 +277,7 @@ class Bench:
             self.workdir, p.http_4s, None, p.mock, state, name="oaiproxy-4s", keepalive=None
         )
         self.children.append(proxy_4s)
+        self.others["oaiproxy-4s"] = proxy_4s
         self._command("oaiproxy-4s", proxy_4s.argv, "PYTHONPATH=<repo> ")
         cert, key = state / "selfsigned-cert.pem", state / "selfsigned-key.pem"
         self.nginx, conf = start_nginx(
@@ -286,6 +294,7 @@ class Bench:
             port = p.floors[target] = free_port()
             floor = start_floor(self.workdir, target.removeprefix("floor-"), port, p.mock)
             self.children.append(floor)
+            self.others[target] = floor
             self._command(target, floor.argv, "PYTHONPATH=<repo> ")
         self.nginx_conf = conf.read_text()
         for port in (p.mock, p.http, p.tls, p.nginx_http, p.nginx_tls):
@@ -325,6 +334,8 @@ class Bench:
         worker = self._nginx_worker
         if worker is not None:
             pids["nginx"] = worker
+        for name, child in self.others.items():
+            pids[name] = child.pid
         return pids
 
     def _cpu_during(self, fn: Callable[[], T]) -> tuple[T, dict[str, float]]:
