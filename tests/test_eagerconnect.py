@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import socket
-from errno import EALREADY
+from errno import EALREADY, ECONNREFUSED
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
-from twisted.trial.unittest import TestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, TestCase
 
 from oaiproxy.http import eagerconnect
 from oaiproxy.http.eagerconnect import EagerTCPEndpoint
@@ -38,6 +39,18 @@ class _Greeter(Protocol):
         self.made = True
         assert self.transport is not None
         self.transport.write(b"hello")
+
+
+class _Broken(Protocol):
+    """Raises from connectionMade; keeps why its connection was lost."""
+
+    lost: Failure | None = None
+
+    def connectionMade(self) -> None:
+        raise RuntimeError("set-up failed")
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.lost = reason
 
 
 class _HandshakeUnderWay(socket.socket):
@@ -80,13 +93,80 @@ class EagerConnectTests(TestCase):
         self.addCleanup(protocol.transport.loseConnection)
         await wait_for(lambda: bool(servers) and servers[0].data == b"hello", "the greeting")
 
+    async def test_ipv6_connected_in_the_call(self) -> None:
+        """Over IPv6 too; the peer's address is as Twisted gives it."""
+        servers: list[_Server] = []
+
+        def build() -> _Server:
+            servers.append(_Server())
+            return servers[-1]
+
+        try:
+            port = reactor.listenTCP(0, Factory.forProtocol(build), interface="::1")
+        except CannotListenError:
+            raise SkipTest("no IPv6 loopback on this machine") from None
+        self.addCleanup(port.stopListening)
+        endpoint = EagerTCPEndpoint(reactor, "::1", port.getHost().port)
+        protocol: Any = self.successResultOf(endpoint.connect(Factory.forProtocol(_Greeter)))
+        self.addCleanup(protocol.transport.loseConnection)
+        peer = protocol.transport.getPeer()
+        self.assertEqual((peer.host, peer.port), ("::1", port.getHost().port))
+        await wait_for(lambda: bool(servers) and servers[0].data == b"hello", "the greeting")
+
+    def record_clients(self) -> list[Any]:
+        """The connections the endpoint tries at once, as it tries them."""
+        clients: list[Any] = []
+        try_now = eagerconnect._EagerClient.try_now
+
+        def recording(client: Any) -> None:
+            clients.append(client)
+            try_now(client)
+
+        self.patch(eagerconnect._EagerClient, "try_now", recording)
+        return clients
+
     async def test_refusal_reported_later(self) -> None:
-        """A refused connection fails its Deferred on a later turn, never inside the call."""
+        """
+        A refusal the kernel gives at once fails the Deferred on a later turn, never inside
+        the call, and its socket is closed.
+        """
+        clients = self.record_clients()
         endpoint = EagerTCPEndpoint(reactor, "127.0.0.1", refused_port(self))
         d = endpoint.connect(Factory.forProtocol(_Greeter))
         self.assertNoResult(d)
+        [client] = clients
+        self.assertEqual(client._eager_error, ECONNREFUSED)  # seen here, told later
         with self.assertRaises(ConnectionRefusedError):
             await d
+        self.assertFalse(hasattr(client, "socket"))  # closed and let go
+
+    async def test_set_up_raising_loses_the_connection(self) -> None:
+        """
+        A protocol whose connectionMade raises: as the reactor does, the error is logged and
+        the connection lost (the protocol told, the peer sees the close), and the Deferred
+        fails with the error at once.
+        """
+        port, servers = self.listen()
+        closed: list[bool] = []
+        built: list[_Broken] = []
+
+        def build() -> _Broken:
+            built.append(_Broken())
+            return built[-1]
+
+        server_lost = _Server.connectionLost
+
+        def lost(server: _Server, reason: Failure) -> None:
+            closed.append(True)
+            server_lost(server, reason)
+
+        self.patch(_Server, "connectionLost", lost)
+        d = EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(build))
+        self.failureResultOf(d, RuntimeError)
+        [protocol] = built
+        self.assertIsNotNone(protocol.lost)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        await wait_for(lambda: bool(servers) and closed == [True], "the close at the peer")
 
     async def test_handshake_under_way_left_to_the_reactor(self) -> None:
         """

@@ -13,7 +13,13 @@ C{EINPROGRESS}, and a second one says at once whether the handshake is already d
 is, the connection is made (the protocol built, its C{connectionMade} run, and so the
 request written) before L{EagerTCPEndpoint.connect} returns. Anything else (a handshake
 still under way, a refusal, an error) is left to Twisted's own path on the next turn, so
-failures are reported as they always were, never from inside the call.
+failures are reported as they always were, never from inside the call. The one exception:
+a protocol whose C{connectionMade} raises. The reactor would log that and lose the
+connection; so is it here, and the Deferred fails with it at once (Twisted's endpoint would
+leave it waiting for ever).
+
+These connections do not go through the reactor's C{connectTCP}: whatever wraps or patches
+that method does not see them.
 
 Written against Twisted 26.10.0: it subclasses C{tcp.Client} and C{tcp.Connector} and uses
 their private C{_requiresResolution}, C{_connectDone} and C{resolveAddress} (the scheduled
@@ -22,6 +28,7 @@ first step), and C{endpoints._WrappingFactory}, as C{TCP4ClientEndpoint} does.
 
 from __future__ import annotations
 
+import socket
 from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from os import strerror
 from typing import Any
@@ -31,10 +38,14 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import _WrappingFactory
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
 __all__ = ["EagerTCPEndpoint"]
+
+_log = Logger()
 
 # What a connect under way says: the reactor's writable event will tell the rest.
 _UNDER_WAY = frozenset({EINPROGRESS, EALREADY, EWOULDBLOCK})
@@ -47,6 +58,8 @@ class _EagerClient(tcp.Client):
     # reactor's scheduled first step, so that it never reaches the caller of connect).
     _eager = False
     _eager_error = 0
+    #: What the protocol's set-up raised, when it was connected here.
+    eager_failure: Failure | None = None
 
     def try_now(self) -> None:
         """Connect now if the kernel completes the handshake at once; else leave it be."""
@@ -71,8 +84,21 @@ class _EagerClient(tcp.Client):
         if result not in (0, EISCONN):
             self._eager_error = result
             return
-        self.realAddress = address
-        self._connectDone()  # type: ignore[no-untyped-call]  # Twisted is unannotated
+        if len(address) == 4:
+            # IPv6: the scope as Twisted writes it (fe80::1%lo), for getPeer.
+            host = socket.getnameinfo(address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+            self.realAddress = (host, *address[1:])
+        else:
+            self.realAddress = address
+        try:
+            self._connectDone()  # type: ignore[no-untyped-call]  # Twisted is unannotated
+        except BaseException as e:
+            # As the reactor does when a connection's handler raises: logged, and the
+            # connection lost with it (the protocol told, the socket closed).
+            self.eager_failure = Failure()
+            _log.failure("Setting up an upstream connection failed", self.eager_failure)
+            reactor: Any = self.reactor
+            reactor._disconnectSelectable(self, e, False)
 
     @override
     def resolveAddress(self) -> None:
@@ -121,6 +147,8 @@ class EagerTCPEndpoint:
             transport: Any = connector.transport
             transport.try_now()
             connected: Deferred[IProtocol] = wrapping._onConnection
+            if transport.eager_failure is not None and not connected.called:
+                connected.errback(transport.eager_failure)
             return connected
         except BaseException:
             return fail()
