@@ -10,12 +10,14 @@ from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseFailed
 
 from oaiproxy.config import Deadlines, Limits
+from oaiproxy.http.chunked import MalformedChunkedData
 from oaiproxy.http.exchange import Exchange
 from oaiproxy.http.forwarder import BytesProducer
 from oaiproxy.http.relay import downstream_backlog
@@ -43,6 +45,12 @@ def client_buffer_drained(transport: StringTransport) -> None:
 
 CHAT = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
 SSE = {b"content-type": [b"text/event-stream"]}
+
+
+def logged(testcase: SynchronousTestCase) -> Any:
+    """The log lines emitted from now on in C{testcase}, formatted: a function to call."""
+    events = EventLoggingObserver.createWithCleanup(testcase, globalLogPublisher)  # type: ignore[arg-type]  # annotated for unittest.TestCase
+    return lambda: [formatEvent(event) for event in events]
 
 
 def answered_stream(h: ProxyHarness) -> tuple[Any, StringTransport, FakeResponse]:
@@ -287,6 +295,21 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(len(h.sent("b")), 1)
         self.assertEqual(transport.value(), b"")
 
+    def test_5xx_failover_and_pass_through_logged(self) -> None:
+        """A 5xx that fails over is logged, and so is one passed through to the client."""
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        log = logged(self)
+        h.send(post(b"/v1/embeddings", b"{}"))
+        h.sent("a")[0].deferred.callback(FakeResponse(500, {}, length=0))
+        h.sent("b")[0].deferred.callback(FakeResponse(502, {}, length=0))
+        lines = log()
+        self.assertTrue(
+            any("upstream a answered 500" in x and "trying another" in x for x in lines)
+        )
+        self.assertTrue(
+            any("upstream b answered 502" in x and "passed through" in x for x in lines)
+        )
+
     def test_every_5xx_tries_next(self) -> None:
         """
         Any 5xx or 429 (rate limited) before the first byte fails over; another 4xx (the
@@ -415,6 +438,87 @@ class FailoverTests(SynchronousTestCase):
         self.assertNotIn(b"[DONE]", body)
         self.assertTrue(transport.value().endswith(b"0\r\n\r\n"), "clean end of stream")
 
+    def test_malformed_first_chunk_tries_next(self) -> None:
+        """
+        A malformed chunked body before any byte went downstream is a broken response: the
+        next upstream is tried (and it is logged), and the client gets that one's answer.
+        """
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        log = logged(self)
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        broken = FakeResponse(200, SSE)
+        h.sent("a")[0].deferred.callback(broken)
+        broken.end(Failure(ResponseFailed([Failure(MalformedChunkedData("bad chunk size"))])))
+        self.assertEqual(transport.value(), b"")
+        [retry] = h.sent("b")
+        good = FakeResponse(200, SSE)
+        retry.deferred.callback(good)
+        good.deliver(b"data: 1\n\n")
+        good.end()
+        status, _, body = parse_response(transport.value())
+        self.assertEqual((status, body), (200, b"data: 1\n\n"))
+        self.assertTrue(
+            any("upstream a failed" in line and "bad chunk size" in line for line in log())
+        )
+        h.clock.advance(3600)  # the first attempt's deadlines are gone with it
+        self.assertEqual(parse_response(transport.value())[2], b"data: 1\n\n")
+
+    def test_malformed_first_chunk_last_upstream_502(self) -> None:
+        """Alone, a malformed body before any byte is a 502 upstream_protocol_error."""
+        h = make_harness()
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        broken = FakeResponse(200, SSE)
+        h.sent()[0].deferred.callback(broken)
+        broken.end(Failure(ResponseFailed([Failure(MalformedChunkedData("bad chunk size"))])))
+        status, _, body = parse_response(transport.value())
+        self.assertEqual(status, 502)
+        self.assertEqual(json.loads(body)["error"]["code"], "upstream_protocol_error")
+
+    def test_close_after_head_not_retried(self) -> None:
+        """
+        An upstream that answered a head and then closed has seen the request: it is not sent
+        to another one (502 upstream_disconnected).
+        """
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        dropped = FakeResponse(200, SSE)
+        h.sent("a")[0].deferred.callback(dropped)
+        dropped.end(Failure(ResponseFailed([Failure(ConnectionLost())])))
+        self.assertEqual(h.sent("b"), [])
+        status, _, body = parse_response(transport.value())
+        self.assertEqual(status, 502)
+        self.assertEqual(json.loads(body)["error"]["code"], "upstream_disconnected")
+
+    def test_malformed_mid_stream_named_so(self) -> None:
+        """
+        A malformed chunk after bytes went downstream ends the stream with an SSE error that
+        says so (not a disconnect), and the log says what was wrong, in words.
+        """
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        log = logged(self)
+        _, transport = h.send(post(b"/v1/chat/completions", CHAT))
+        response = FakeResponse(200, SSE)
+        h.sent("a")[0].deferred.callback(response)
+        response.deliver(b"data: 1\n\n")
+        response.end(Failure(ResponseFailed([Failure(MalformedChunkedData("bad chunk size"))])))
+        self.assertEqual(h.sent("b"), [])
+        _, _, body = parse_response(transport.value())
+        error = json.loads(body.split(b"\n\n")[1].removeprefix(b"data: "))["error"]
+        self.assertEqual(error["code"], "upstream_protocol_error")
+        self.assertIn("sent a malformed body mid-response", " ".join(log()))
+        self.assertIn("bad chunk size", " ".join(log()))
+
+    def test_drop_logged_in_words(self) -> None:
+        """A drop mid-response is logged with its reason in words, not a list of Failures."""
+        h = make_harness()
+        log = logged(self)
+        _, _, response = answered_stream(h)
+        response.deliver(b"data: 1\n\n")
+        response.end(Failure(ResponseFailed([Failure(ConnectionLost("reset by peer"))])))
+        [line] = [line for line in log() if "dropped mid-response" in line]
+        self.assertIn("reset by peer", line)
+        self.assertNotIn("Failure", line)
+
     def test_non_sse_drop_aborts_client(self) -> None:
         """A non-streamed body cut short is cut short for the client too (connection aborted)."""
         h = make_harness()
@@ -459,8 +563,12 @@ class DeadlineTests(SynchronousTestCase):
         self.assertFalse(response.socket.stopped)
 
     def test_idle_gap_ends_stream(self) -> None:
-        """A silent gap past idle mid-stream ends it with an SSE error and stops the upstream."""
+        """
+        A silent gap past idle mid-stream ends it with an SSE error and stops the upstream;
+        it is logged.
+        """
         h = make_harness(deadlines=Deadlines(idle=3.0))
+        log = logged(self)
         _, transport, response = answered_stream(h)
         response.deliver(b"data: 1\n\n")
         h.clock.advance(2.9)
@@ -472,6 +580,7 @@ class DeadlineTests(SynchronousTestCase):
         _, _, body = parse_response(transport.value())
         self.assertIn(b'"code":"upstream_timeout"', body)
         self.assertTrue(body.startswith(b"data: 1\n\ndata: 2\n\n"))
+        self.assertTrue(any("upstream sent nothing for 3s" in line for line in log()))
 
     def test_idle_paused_by_client_not_counted(self) -> None:
         """While the client holds the stream paused, the idle deadline does not run."""

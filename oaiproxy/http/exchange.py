@@ -192,9 +192,22 @@ class Exchange:
             self._cancel_first_byte()
             response.deliverBody(_Discard())
             self._last_error = UpstreamBadStatus(f"upstream answered {response.code}")
+            log.info(
+                "upstream {upstream} answered {status} for {request_id}: trying another",
+                upstream=self._upstream.name if self._upstream else "-",
+                status=response.code,
+                request_id=self.ctx.request_id.decode("ascii", "replace"),
+            )
             self._attempt()
             return
         self._record(str(response.code))
+        if response.code >= 500 or response.code == 429:
+            log.info(
+                "upstream {upstream} answered {status} for {request_id}: passed through",
+                upstream=self._upstream.name if self._upstream else "-",
+                status=response.code,
+                request_id=self.ctx.request_id.decode("ascii", "replace"),
+            )
         self._relay = Relay(
             self._request,
             response,
@@ -210,8 +223,33 @@ class Exchange:
     def _relay_ended(self, error: ProxyError | None) -> None:
         if error is None:
             self._finish()
-        else:
-            self._give_up(error)
+            return
+        relay = self._relay
+        if (
+            error.retryable
+            and relay is not None
+            and not relay.committed
+            and not self.done
+            and not self.client_gone
+            and self._can_retry()
+            and self._pool.any_left(self._tried, self._clock.seconds())
+        ):
+            # A broken body before anything went to the client (a malformed first chunk):
+            # a broken response, as a malformed head is; the next upstream is tried.
+            if self.ctx.attempts:  # this upstream's outcome: not its status after all
+                self.ctx.attempts[-1] = (self.ctx.attempts[-1][0], error.code or "error")
+            self._cancel_first_byte()
+            self._last_error = error
+            self._relay = None
+            log.info(
+                "upstream {upstream} failed for {request_id}: {error}",
+                upstream=self._upstream.name if self._upstream else "-",
+                request_id=self.ctx.request_id.decode("ascii", "replace"),
+                error=error.message,
+            )
+            self._attempt()
+            return
+        self._give_up(error)
 
     # -- endings -------------------------------------------------------------------------
 

@@ -21,14 +21,19 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._http2 import H2Stream
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from typing_extensions import override
 from zope.interface import implementer
 
-from oaiproxy.errors import ProxyError, UpstreamDisconnected, UpstreamTimeout
+from oaiproxy.errors import (
+    ProxyError,
+    UpstreamDisconnected,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from oaiproxy.http.headers import (
     add_checked,
     downstream_response_headers,
@@ -211,17 +216,27 @@ class Relay(Protocol):
             self._flush()
             self._complete()
             return
+        malformed = _malformed(reason)
         if not self.committed and not self._buffer:
-            self._end(UpstreamDisconnected("upstream closed the connection before the body"))
+            # Nothing went to the client: the exchange may try another upstream (a malformed
+            # body is a broken response; a close after the head is not retried).
+            self._end(
+                UpstreamProtocolError(f"upstream sent a malformed body: {malformed}")
+                if malformed
+                else UpstreamDisconnected("upstream closed the connection before the body")
+            )
             return
         self._flush()
         log.info(
-            "upstream dropped mid-response {request_id}: {reason}",
+            "upstream {what} mid-response {request_id}: {reason}",
+            what="sent a malformed body" if malformed else "dropped",
             request_id=self._request_id.decode("ascii", "replace"),
-            reason=reason.getErrorMessage(),
+            reason=malformed or _describe(reason),
         )
         self._end_with_error(
-            UpstreamDisconnected("the upstream closed the connection mid-response")
+            UpstreamProtocolError("the upstream sent a malformed body mid-response")
+            if malformed
+            else UpstreamDisconnected("the upstream closed the connection mid-response")
         )
 
     # -- IPushProducer, driven by the downstream consumer ---------------------------------
@@ -460,4 +475,30 @@ class Relay(Protocol):
         if remaining > 0:
             self._idle_call = self._clock.callLater(remaining, self._idle_expired)
             return
+        log.info(
+            "upstream sent nothing for {timeout:g}s, ending {request_id}",
+            timeout=self._idle_timeout,
+            request_id=self._request_id.decode("ascii", "replace"),
+        )
         self.abort(UpstreamTimeout(f"upstream sent nothing for {self._idle_timeout:g}s"))
+
+
+def _reasons(reason: Failure) -> list[Failure]:
+    """The failures under a C{ResponseFailed} (the client wraps what ended a body in one)."""
+    if reason.check(ResponseFailed):
+        value: Any = reason.value
+        return [r for r in value.reasons if isinstance(r, Failure)]
+    return [reason]
+
+
+def _malformed(reason: Failure) -> str | None:
+    """What was wrong with the body's framing, when that is why it ended (the decoder's word)."""
+    for r in _reasons(reason):
+        if r.check(ValueError):
+            return r.getErrorMessage()
+    return None
+
+
+def _describe(reason: Failure) -> str:
+    """Why a body ended, in words (C{ResponseFailed}'s own message is a list's repr)."""
+    return "; ".join(r.getErrorMessage() for r in _reasons(reason)) or "unknown"
