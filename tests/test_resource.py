@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import Limits
@@ -134,16 +136,25 @@ class BodyTests(SynchronousTestCase):
         self.assertEqual(h.sent()[0].headers.getRawHeaders(b"accept-encoding"), [b"identity"])
 
     def test_known_length_over_cap_413_at_once(self) -> None:
-        """A Content-Length over the cap gets 413 and a close before the body is read."""
+        """
+        A Content-Length over the cap gets 413 and a close before the body is read; it is
+        logged with its request id.
+        """
         h = make_harness(limits=Limits(max_body_bytes=100))
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]  # annotated for unittest.TestCase
         proto, transport = h.connect()
         proto.dataReceived(
             b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
         )
-        status, error, _headers = error_of(transport.value())
+        status, error, headers = error_of(transport.value())
         self.assertEqual((status, error["code"]), (413, "request_too_large"))
         self.assertTrue(transport.disconnecting)
         self.assertEqual(h.sent(), [])
+        [request_id] = headers[b"x-request-id"]
+        lines = [formatEvent(e) for e in events]
+        self.assertTrue(
+            any("413 request_too_large" in x and request_id.decode() in x for x in lines), lines
+        )
 
     def test_chunked_over_cap_413(self) -> None:
         """A chunked body that grows past the cap gets 413 and a close."""

@@ -179,7 +179,18 @@ class ProxyRequest(server.Request):
         if transport is not None and hasattr(channel, "_networkProducer"):
             # HTTP/1.1: answer now and close, rather than read a body we will not use.
             error = BodyTooLarge.over(self.max_body_bytes)
-            transport.write(early_error_response(error, _request_id(self)))
+            request_id = _request_id(self)
+            log.info(
+                "{status} {code} for {method} {path} ({request_id}): {message}",
+                status=error.status,
+                code=error.code,
+                # Before its body the request has no method or path yet: the channel's.
+                method=(getattr(channel, "_command", None) or b"-").decode("latin-1"),
+                path=(getattr(channel, "_path", None) or b"-").decode("latin-1")[:200],
+                request_id=request_id.decode("ascii"),
+                message=error.message,
+            )
+            transport.write(early_error_response(error, request_id))
             transport.loseConnection()
             self.answered_early = True
 
