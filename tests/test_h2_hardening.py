@@ -17,7 +17,7 @@ import h2.settings
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, RstStreamFrame
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from zope.interface import alsoProvides
@@ -307,6 +307,18 @@ class MalformedStreamTests(_Hardening):
         _, _, client = self.connect()
         stream = self.send_raw_head(client, self.post_head((b"content-length", b"5")))
         self.assert_rejected(client, stream)
+
+    def test_control_characters_logged_escaped(self) -> None:
+        """
+        A header value with CR, LF, NUL or ESC is rejected, and the log line that says why
+        holds them as escapes: a client cannot split or forge log lines, or drive a terminal.
+        """
+        _, _, client = self.connect()
+        stream = self.send_raw_head(client, self.post_head((b"x-bad", b"a\rb\nc\x00d\x1be")))
+        self.assert_rejected(client, stream)
+        [rejection] = [e for e in self.log if e.get("stream") == stream]
+        line = formatEvent(rejection)
+        self.assertFalse(any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line), repr(line))
 
     def test_connection_specific_headers(self) -> None:
         """connection, transfer-encoding, upgrade, keep-alive and te other than trailers."""

@@ -9,6 +9,7 @@ from oaiproxy.errors import InvalidRequest
 from oaiproxy.http.headers import (
     MAX_RETRY_AFTER,
     downstream_response_headers,
+    for_log,
     is_valid_name,
     retry_after,
     upstream_request_headers,
@@ -167,3 +168,19 @@ class RetryAfterTests(SynchronousTestCase):
             ({}, None),
         ):
             self.assertEqual(retry_after(Headers(headers), now), expected, headers)
+
+
+class ForLogTests(SynchronousTestCase):
+    """Client text written into log lines."""
+
+    def test_control_characters_escaped(self) -> None:
+        """C0 controls, DEL and C1 controls become escapes; the rest is kept."""
+        self.assertEqual(
+            for_log("a\rb\nc\x00d\x1b[31m\x7f\x9b é/v1"),
+            "a\\x0db\\x0ac\\x00d\\x1b[31m\\x7f\\x9b é/v1",
+        )
+
+    def test_capped(self) -> None:
+        """At most the limit, counted before escaping."""
+        self.assertEqual(for_log("x" * 500), "x" * 200)
+        self.assertEqual(for_log("\n" * 3, limit=2), "\\x0a\\x0a")

@@ -114,7 +114,7 @@ from oaiproxy.http.h1 import (
     ProxyHTTPChannel,
 )
 from oaiproxy.http.h2streams import RefusingH2Connection, StreamRejected
-from oaiproxy.http.headers import FORWARDED_ALLOW
+from oaiproxy.http.headers import FORWARDED_ALLOW, for_log
 from oaiproxy.http.stall import StallWatch
 from oaiproxy.http.throttle import Throttle
 from oaiproxy.tls import openssl_reasons
@@ -308,7 +308,7 @@ class ProxyH2Connection(H2Connection):
             stream=event.stream_id,
             client=self._peer_host(),
             error_code=event.error_code.name,
-            reason=event.reason,
+            reason=for_log(event.reason),
         )
         self._forget_stream(event.stream_id, event.reason)
 

@@ -23,6 +23,7 @@ __all__ = [
     "add_checked",
     "connection_named",
     "downstream_response_headers",
+    "for_log",
     "is_printable",
     "is_valid_name",
     "is_valid_reason",
@@ -73,6 +74,16 @@ _TARGET_OK = bytes(range(0x21, 0x7F))
 def is_printable(value: bytes) -> bool:
     """Whether C{value} is printable ASCII without space (checked in C, not per byte)."""
     return not value.translate(None, _TARGET_OK)
+
+
+# Control characters (C0, DEL, C1) written into a log line as escapes: a client's CR or LF
+# would split the line (a forged entry), an ESC would drive the operator's terminal.
+_LOG_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def for_log(text: str, limit: int = 200) -> str:
+    """C{text} from a client, safe in a log line: control characters escaped, at most C{limit}."""
+    return text[:limit].translate(_LOG_ESCAPES)
 
 
 def is_valid_value(value: bytes) -> bool:

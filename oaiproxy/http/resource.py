@@ -35,6 +35,7 @@ from oaiproxy.http.forwarder import Forwarder
 from oaiproxy.http.headers import (
     FORWARDED_ALLOW,
     FORWARDED_METHODS,
+    for_log,
     is_printable,
     is_valid_value,
 )
@@ -186,7 +187,7 @@ class ProxyRequest(server.Request):
                 code=error.code,
                 # Before its body the request has no method or path yet: the channel's.
                 method=(getattr(channel, "_command", None) or b"-").decode("latin-1"),
-                path=(getattr(channel, "_path", None) or b"-").decode("latin-1")[:200],
+                path=for_log((getattr(channel, "_path", None) or b"-").decode("latin-1")),
                 request_id=request_id.decode("ascii"),
                 message=error.message,
             )
@@ -222,7 +223,7 @@ def write_error(request: server.Request, error: ProxyError) -> None:
         status=error.status,
         code=error.code,
         method=request.method.decode("latin-1"),
-        path=request.path.decode("latin-1", "replace")[:200],
+        path=for_log(request.path.decode("latin-1")),
         request_id=request_id.decode("ascii"),
         message=error.message,
     )
