@@ -23,6 +23,55 @@ def error_of(raw: bytes) -> tuple[int, dict[str, object], dict[bytes, list[bytes
 class RouteTests(SynchronousTestCase):
     """What is answered locally."""
 
+    def test_dot_segments_refused(self) -> None:
+        """
+        A path with a '.' or '..' segment, plain, percent-encoded or behind an encoded slash
+        or a backslash, is a 400 and never forwarded: it would leave the upstream's base path.
+        """
+        for path in [
+            b"/v1/../admin",
+            b"/v1/files/..",
+            b"/v1/./models",
+            b"/v1/%2e%2e/admin",
+            b"/v1/%2E./admin",
+            b"/v1/..%2fadmin",
+            b"/v1/..%5Cadmin",
+            b"/v1/..\\admin",
+        ]:
+            with self.subTest(path=path):
+                h = make_harness()
+                _, transport = h.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+                status, error, _ = error_of(transport.value())
+                self.assertEqual((status, error["type"]), (400, "invalid_request_error"))
+                self.assertEqual(h.sent(), [])
+
+    def test_dots_inside_segments_forwarded(self) -> None:
+        """Dots inside a segment (a model or file name) are no dot segments."""
+        for path in [b"/v1/models/gpt-4.1", b"/v1/files/data..jsonl", b"/v1/files/.hidden"]:
+            with self.subTest(path=path):
+                h = make_harness()
+                h.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+                self.assertEqual(len(h.sent()), 1)
+
+    def test_http11_needs_one_host(self) -> None:
+        """RFC 9112 3.2: an HTTP/1.1 request with no Host, or two, is a 400, not forwarded."""
+        for head in [
+            b"GET /v1/models HTTP/1.1\r\n\r\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ]:
+            with self.subTest(head=head):
+                h = make_harness()
+                _, transport = h.send(head)
+                status, error, _ = error_of(transport.value())
+                self.assertEqual((status, error["code"]), (400, "invalid_request"))
+                self.assertEqual(h.sent(), [])
+
+    def test_http10_without_host_forwarded(self) -> None:
+        """HTTP/1.0 has no Host requirement."""
+        h = make_harness()
+        h.send(b"GET /v1/models HTTP/1.0\r\n\r\n")
+        self.assertEqual(len(h.sent()), 1)
+
     def test_healthz(self) -> None:
         """GET /healthz answers 200 JSON without touching an upstream."""
         h = make_harness()

@@ -344,6 +344,16 @@ class ProxyResource(Resource):
             return server.NOT_DONE_YET
         if path != b"/v1" and not path.startswith(b"/v1/"):
             raise NotFound(f"Invalid URL ({_shown(method)} {path.decode('latin-1')[:200]})")
+        if (b"." in path or b"%" in path or b"\\" in path) and _has_dot_segment(path):
+            # /v1/../admin leaves the upstream's base path once the upstream (or anything in
+            # front of it) resolves the dots; no OpenAI path has such a segment.
+            raise InvalidRequest("the request path has a '.' or '..' segment")
+        if (
+            request.clientproto == b"HTTP/1.1"
+            and len(request.requestHeaders.getRawHeaders(b"host", ())) != 1
+        ):
+            # RFC 9112 3.2: an HTTP/1.1 request with no Host, or more than one, is refused.
+            raise InvalidRequest("an HTTP/1.1 request needs exactly one Host header")
         if method not in FORWARDED_METHODS:
             # TRACE would echo the client's credentials back; CONNECT is no proxy request
             # here; methods are case-sensitive, so "get" is not GET.
@@ -414,3 +424,12 @@ class ProxyResource(Resource):
         request.responseHeaders.setRawHeaders(b"x-request-id", [_request_id(request)])
         request.write(body)
         request.finish()
+
+
+def _has_dot_segment(path: bytes) -> bool:
+    """
+    Whether C{path} has a C{.} or C{..} segment, also percent-encoded (C{%2e}) or behind an
+    encoded slash or a backslash (C{..%2f}, C{..\\}), as a server that decodes them would see.
+    """
+    decoded = path.lower().replace(b"%2e", b".").replace(b"%2f", b"/").replace(b"%5c", b"/")
+    return any(segment in (b".", b"..") for segment in decoded.replace(b"\\", b"/").split(b"/"))
