@@ -655,6 +655,54 @@ class RapidResetTests(_Hardening):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.h.sent(), [])
 
+    def open_and_reset(self, client: H2Client, count: int, lifetime: float = 0.0) -> None:
+        """
+        C{count} times: a request in one write (it reaches the upstream), then its RST_STREAM
+        in a later one, C{lifetime} seconds after.
+        """
+        for _ in range(count):
+            if client.terminated:
+                return
+            stream = client.request(b"GET", path=b"/v1/models")
+            self.turn()
+            self.h.clock.advance(lifetime)
+            client.h2.reset_stream(stream, error_code=h2.errors.ErrorCodes.CANCEL)
+            client.send()
+            self.turn()
+            client.receive()
+
+    def test_early_resets_in_later_reads_end_connection(self) -> None:
+        """
+        Rapid Reset spread over reads: each request started upstream, then reset. At the
+        100th such early reset the connection gets GOAWAY ENHANCE_YOUR_CALM (logged); every
+        upstream request it started was cancelled.
+        """
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]  # annotated for unittest.TestCase
+        _, transport, client = self.connect()
+        self.open_and_reset(client, 150)
+        calm = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        self.assertEqual([e.error_code for e in client.terminated], [calm])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.h.sent()), 100)
+        self.assertTrue(all(sent.cancelled for sent in self.h.sent()))
+        self.assertTrue(any("Rapid Reset" in formatEvent(e) for e in log))
+
+    def test_late_resets_not_counted(self) -> None:
+        """Streams reset after a second (a client cancelling generations): no GOAWAY."""
+        _, _, client = self.connect()
+        self.open_and_reset(client, 150, lifetime=1.5)
+        self.assert_still_serves(client)
+
+    def test_early_resets_of_a_minority_not_counted(self) -> None:
+        """120 early resets among 380 streams, most of them answered: no GOAWAY."""
+        _, _, client = self.connect()
+        for _ in range(260):
+            stream = client.request(b"GET", path=b"/v1/models")
+            self.turn()
+            self.answer(client, len(self.h.sent()) - 1, stream)
+        self.open_and_reset(client, 120)
+        self.assert_still_serves(client)
+
     def test_response_after_goaway_dropped(self) -> None:
         """A response head for a connection closed by a GOAWAY: dropped, exchange cancelled."""
         connection, _, client = self.connect()

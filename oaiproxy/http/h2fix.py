@@ -64,7 +64,11 @@ What changes compared with Twisted's own classes:
  - B{Rapid Reset costs no upstream work.} A stream reset in the same read that opened it
    never reaches the resource, and nothing is dispatched after an event that ended the
    connection; a response for a connection closed by a GOAWAY is dropped quietly (the
-   exchange cancelled) instead of raising out of h2.
+   exchange cancelled) instead of raising out of h2. A client that resets its streams
+   early in later reads (each request started upstream, then cancelled) is closed with
+   GOAWAY ENHANCE_YOUR_CALM once L{PREMATURE_RESETS} of its streams were reset within
+   L{PREMATURE_RESET_LIFETIME} seconds of opening and they are more than half of its
+   streams (Envoy's rule); Twisted's own token bucket let 1,000 of them through at once.
  - B{Header limits.} The HTTP/1.1 limits (C{max_headers} fields, C{max_header_bytes})
    hold per request: over them, 431 on the stream. C{SETTINGS_MAX_HEADER_LIST_SIZE}
    advertises them (Twisted advertised h2's 64 KiB and enforced nothing of its own).
@@ -128,6 +132,15 @@ __all__ = [
 
 #: Empty DATA frames (no data, no END_STREAM) one connection may send before it is closed.
 MAX_EMPTY_DATA_FRAMES: Final = 100
+
+#: A stream the client resets within this many seconds of opening it, before its response
+#: ended, is reset early ("premature", as Envoy counts them).
+PREMATURE_RESET_LIFETIME: Final = 1.0
+
+#: Early resets after which a connection is closed (GOAWAY ENHANCE_YOUR_CALM), when they are
+#: also more than half of the streams it opened: Rapid Reset spread over reads, each request
+#: started upstream and then cancelled. A client cancelling long generations is not counted.
+PREMATURE_RESETS: Final = 100
 
 DEFAULT_STREAM_HIGH_WATER: Final = 256 * 1024
 """Bytes of response data queued per HTTP/2 stream before its producer is paused."""
@@ -200,6 +213,11 @@ class ProxyH2Connection(H2Connection):
         # The body deadline of each stream whose request body is still coming.
         self._body_watches: dict[int, StallWatch] = {}
         self._empty_data_frames = 0
+        # When each stream that reached the resource was opened; how many did; how many of
+        # those the client reset early (see PREMATURE_RESETS).
+        self._opened_at: dict[int, float] = {}
+        self._streams_started = 0
+        self._early_resets = 0
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
         super().__init__(reactor)
@@ -320,6 +338,8 @@ class ProxyH2Connection(H2Connection):
             self._refuse(event.stream_id, error, _header(event.headers, b"x-request-id"))
             return
         super()._requestReceived(event)
+        self._opened_at[event.stream_id] = self._reactor.seconds()
+        self._streams_started += 1
         self._queued_bytes[event.stream_id] = 0
         self._body_received[event.stream_id] = 0
         if event.stream_ended is None:
@@ -563,10 +583,23 @@ class ProxyH2Connection(H2Connection):
     @override
     def _requestAborted(self, event: h2.events.StreamReset) -> None:
         """A client's RST_STREAM; one for a stream answered here still counts as a reset."""
-        if event.stream_id in self.streams:
-            super()._requestAborted(event)
-        else:
+        if event.stream_id not in self.streams:
             self._spend_reset_token()
+            return
+        opened = self._opened_at.get(event.stream_id)
+        super()._requestAborted(event)
+        if opened is None or self._closed:
+            return
+        if self._reactor.seconds() - opened < PREMATURE_RESET_LIFETIME:
+            self._early_resets += 1
+            if (
+                self._early_resets >= PREMATURE_RESETS
+                and 2 * self._early_resets > self._streams_started
+            ):
+                self._calm_down(
+                    f"{self._early_resets} of {self._streams_started} streams reset within "
+                    f"{PREMATURE_RESET_LIFETIME:g}s of opening (Rapid Reset)"
+                )
 
     def _spend_reset_token(self) -> None:
         """
@@ -707,6 +740,7 @@ class ProxyH2Connection(H2Connection):
             tail.cancel()
         self._queued_bytes.pop(streamID, None)
         self._body_received.pop(streamID, None)
+        self._opened_at.pop(streamID, None)
         self._stop_body_watch(streamID)
         self._above_high_water.discard(streamID)
         super()._requestDone(streamID)
