@@ -177,6 +177,14 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(sent.body, _BODY)
         self.assertIsNone(sent.headers.getRawHeaders(b"expect"))
 
+    def test_expect_continue_without_body(self) -> None:
+        """No 100 Continue for a request with no body to come (as over HTTP/2)."""
+        _, transport = self.harness.send(
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n"
+        )
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(len(self.harness.sent()), 1)
+
     def test_expect_continue_over_cap(self) -> None:
         """A body known to be over the cap gets its 413 alone: no 100 Continue after it."""
         harness = make_harness(limits=Limits(max_body_bytes=1024))

@@ -454,6 +454,30 @@ class BodyCapTests(_Hardening):
         self.assertEqual(self.h.sent(), [])
         self.assert_still_serves(client)
 
+    def test_expect_continue_only_for_a_body_to_come(self) -> None:
+        """
+        C{expect: 100-continue}, as over HTTP/1.1: no 100 before a 413 (declared length over
+        the cap), nor for a request whose HEADERS end the stream; a 100 for a body to come.
+        Never forwarded.
+        """
+        _, _, client = self.connect()
+        expect = (b"expect", b"100-continue")
+        over = self.post(client, (b"content-length", b"5000"), expect)
+        bodiless = client.request(b"GET", path=b"/v1/models", headers=[expect])
+        invited = self.post(client, (b"content-length", b"2"), expect)
+        self.turn()
+        client.receive()
+        self.assert_error(client, over, 413, "request_too_large")
+        self.assertEqual(client.informational[over], [])
+        self.assertEqual(client.informational[bodiless], [])
+        self.assertEqual(client.informational[invited], [b"100"])
+        client.h2.send_data(invited, b"{}", end_stream=True)
+        client.send()
+        self.turn()
+        self.assertEqual(len(self.h.sent()), 2)
+        for sent in self.h.sent():
+            self.assertIsNone(sent.headers.getRawHeaders(b"expect"))
+
     def test_data_over_cap_answered_before_the_end(self) -> None:
         """
         DATA past the cap: 413 before the client has finished, then RST(NO_ERROR). DATA the

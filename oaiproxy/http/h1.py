@@ -216,10 +216,11 @@ class ProxyHTTPChannel(HTTPChannel):
         """
         Invite the body (C{Expect: 100-continue}), unless the request was already answered:
         a body known to be over the cap gets its 413 from L{ProxyRequest.gotLength} just
-        before this, and Twisted would write C{100 Continue} after that answer.
+        before this, and Twisted would write C{100 Continue} after that answer. Nor when no
+        body is coming (no C{Content-Length}, or 0, and not chunked), as over HTTP/2.
         """
         request = self.requests[-1] if self.requests else None
-        if self._refused or getattr(request, "answered_early", False):
+        if self._refused or getattr(request, "answered_early", False) or self.length == 0:
             return
         super()._send100Continue()
 

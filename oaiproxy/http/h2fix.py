@@ -218,6 +218,8 @@ class ProxyH2Connection(H2Connection):
         self._opened_at: dict[int, float] = {}
         self._streams_started = 0
         self._early_resets = 0
+        # Streams whose request asked for 100 Continue: answered once the head is checked.
+        self._continue_wanted: set[int] = set()
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
         super().__init__(reactor)
@@ -347,9 +349,24 @@ class ProxyH2Connection(H2Connection):
         cap = self._body_cap(event.stream_id)
         # A content-length over the cap (the request noted it): answer before any DATA.
         if cap is not None and getattr(self._request_of(event.stream_id), "body_too_large", False):
+            self._continue_wanted.discard(event.stream_id)
             self._refuse(
                 event.stream_id, BodyTooLarge.over(cap), _header(event.headers, b"x-request-id")
             )
+            return
+        if event.stream_id in self._continue_wanted:
+            self._continue_wanted.discard(event.stream_id)
+            if event.stream_ended is None:  # a body is coming: invite it
+                super()._send100Continue(event.stream_id)
+
+    @override
+    def _send100Continue(self, streamID: int) -> None:
+        """
+        Twisted sends C{100 Continue} while it builds the request, before the proxy has
+        looked at it: held until L{_requestReceived} has (no 100 before a 413, nor for a
+        request whose HEADERS ended the stream), as over HTTP/1.1.
+        """
+        self._continue_wanted.add(streamID)
 
     def _refusal_for(self, headers: list[tuple[bytes, bytes]]) -> ProxyError | None:
         """

@@ -34,6 +34,8 @@ class H2Client:
         self._server = server
         self._transport = transport
         self.headers: dict[int, dict[bytes, bytes]] = {}
+        # The informational (1xx) statuses each stream got, in order.
+        self.informational: defaultdict[int, list[bytes]] = defaultdict(list)
         self.body: defaultdict[int, bytes] = defaultdict(bytes)
         self.ended: set[int] = set()
         self.reset: set[int] = set()
@@ -90,6 +92,8 @@ class H2Client:
         for event in self.h2.receive_data(data):
             if isinstance(event, h2.events.ResponseReceived):
                 self.headers[event.stream_id] = dict(event.headers)
+            elif isinstance(event, h2.events.InformationalResponseReceived):
+                self.informational[event.stream_id].append(dict(event.headers)[b":status"])
             elif isinstance(event, h2.events.DataReceived):
                 self.body[event.stream_id] += event.data
             elif isinstance(event, h2.events.StreamEnded):
