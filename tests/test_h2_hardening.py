@@ -742,6 +742,63 @@ class RapidResetTests(_Hardening):
         self.assertTrue(response.socket.stopped)
 
 
+class ControlFloodTests(_Hardening):
+    """
+    PING and SETTINGS floods end the connection with GOAWAY ENHANCE_YOUR_CALM; a client that
+    does not read the answers is aborted, logged at info level (it is the client's doing).
+    """
+
+    def flood(self, client: H2Client, count: int, frame: str) -> None:
+        for i in range(count):
+            if frame == "ping":
+                client.h2.ping(b"%08d" % i)
+            else:
+                client.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+        client.send()
+        self.turn()
+        client.receive()
+
+    def test_ping_flood_ends_connection(self) -> None:
+        """600 PINGs at once: GOAWAY ENHANCE_YOUR_CALM, logged."""
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]  # annotated for unittest.TestCase
+        _, transport, client = self.connect()
+        self.flood(client, 600, "ping")
+        calm = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        self.assertEqual([e.error_code for e in client.terminated], [calm])
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(any("too many PING or SETTINGS" in formatEvent(e) for e in log))
+
+    def test_settings_flood_ends_connection(self) -> None:
+        """600 SETTINGS frames at once: GOAWAY ENHANCE_YOUR_CALM."""
+        _, _, client = self.connect()
+        self.flood(client, 600, "settings")
+        calm = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        self.assertEqual([e.error_code for e in client.terminated], [calm])
+
+    def test_pings_over_time_allowed(self) -> None:
+        """400 PINGs, 10 s later 400 more (the bucket refills): the connection serves on."""
+        _, _, client = self.connect()
+        self.flood(client, 400, "ping")
+        self.h.clock.advance(10)
+        self.flood(client, 400, "ping")
+        self.assert_still_serves(client)
+
+    def test_unread_answers_abort_at_info_level(self) -> None:
+        """
+        A client that reads none of its PING answers: the connection is aborted once they
+        pile up, and the log line says so at info level (Twisted logged an error).
+        """
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]  # annotated for unittest.TestCase
+        connection, transport, client = self.connect()
+        connection._maxBufferedControlFrameBytes = 200
+        connection.pauseProducing()  # what the transport does when the client does not read
+        self.flood(client, 20, "ping")
+        self.assertTrue(transport.disconnected or transport.disconnecting)
+        closing = [e for e in log if "does not read" in formatEvent(e)]
+        self.assertEqual([e["log_level"] for e in closing], [LogLevel.info])
+        self.assertEqual([e for e in log if e["log_level"] >= LogLevel.error], [])
+
+
 class _TLSTransport(StringTransport):
     """A TLS transport, its handshake done, reporting the protocol ALPN chose."""
 

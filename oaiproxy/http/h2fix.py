@@ -69,6 +69,10 @@ What changes compared with Twisted's own classes:
    GOAWAY ENHANCE_YOUR_CALM once L{PREMATURE_RESETS} of its streams were reset within
    L{PREMATURE_RESET_LIFETIME} seconds of opening and they are more than half of its
    streams (Envoy's rule); Twisted's own token bucket let 1,000 of them through at once.
+ - B{Control frame floods.} PING and SETTINGS frames beyond a burst of
+   L{CONTROL_FRAME_BURST} (then L{CONTROL_FRAME_RATE} a second) end the connection with
+   GOAWAY ENHANCE_YOUR_CALM; Twisted answered every one. A client that does not read those
+   answers is aborted as Twisted does, logged at info level instead of error.
  - B{Header limits.} The HTTP/1.1 limits (C{max_headers} fields, C{max_header_bytes})
    hold per request: over them, 431 on the stream. C{SETTINGS_MAX_HEADER_LIST_SIZE}
    advertises them (Twisted advertised h2's 64 KiB and enforced nothing of its own).
@@ -96,6 +100,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
+from twisted.web.error import ExcessiveBufferingError
 from twisted.web.http import HTTPChannel, Request, _GenericHTTPChannelProtocol
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
@@ -142,11 +147,20 @@ PREMATURE_RESET_LIFETIME: Final = 1.0
 #: started upstream and then cancelled. A client cancelling long generations is not counted.
 PREMATURE_RESETS: Final = 100
 
+#: PING and SETTINGS frames a client may send in a burst, and how many more each second:
+#: past that, GOAWAY ENHANCE_YOUR_CALM (each costs an answer; a flood of them is work for
+#: nothing). Clients send a few: keep-alive and RTT pings, one SETTINGS per connection.
+CONTROL_FRAME_BURST: Final = 500
+CONTROL_FRAME_RATE: Final = 50.0
+
 DEFAULT_STREAM_HIGH_WATER: Final = 256 * 1024
 """Bytes of response data queued per HTTP/2 stream before its producer is paused."""
 
 
 _CLOSED: Final = "the HTTP/2 connection is closed"
+
+#: Control frames a client can send at will, each answered: counted against a token bucket.
+_CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
 
 #: The events of a request, dropped for a stream reset in the same bytes (the reset itself is
 #: still handled).
@@ -218,6 +232,8 @@ class ProxyH2Connection(H2Connection):
         self._opened_at: dict[int, float] = {}
         self._streams_started = 0
         self._early_resets = 0
+        self._control_tokens = float(CONTROL_FRAME_BURST)
+        self._control_tokens_at = reactor.seconds()
         # Streams whose request asked for 100 Continue: answered once the head is checked.
         self._continue_wanted: set[int] = set()
         self.max_headers = max_headers
@@ -280,6 +296,8 @@ class ProxyH2Connection(H2Connection):
             if self._closed or not self._stillProducing:
                 # An earlier event ended the connection (our GOAWAY): Twisted went on starting
                 # requests, which reached the upstream and answered into a closed connection.
+                break
+            if isinstance(event, _CONTROL_EVENTS) and not self._spend_control_token():
                 break
             if getattr(event, "stream_id", None) in reset_now and isinstance(
                 event, _REQUEST_EVENTS
@@ -617,6 +635,51 @@ class ProxyH2Connection(H2Connection):
                     f"{self._early_resets} of {self._streams_started} streams reset within "
                     f"{PREMATURE_RESET_LIFETIME:g}s of opening (Rapid Reset)"
                 )
+
+    def _spend_control_token(self) -> bool:
+        """
+        One PING or SETTINGS frame from the client: refill the bucket for the time elapsed,
+        spend one token; with none left, GOAWAY ENHANCE_YOUR_CALM (and C{False}).
+        """
+        now = self._reactor.seconds()
+        elapsed = max(0.0, now - self._control_tokens_at)
+        self._control_tokens = min(
+            float(CONTROL_FRAME_BURST), self._control_tokens + elapsed * CONTROL_FRAME_RATE
+        )
+        self._control_tokens_at = now
+        if self._control_tokens < 1:
+            self._calm_down("too many PING or SETTINGS frames")
+            return False
+        self._control_tokens -= 1
+        return True
+
+    @override
+    def _tryToWriteControlData(self) -> bool:
+        """
+        Twisted 26.10.0's, but a client that leaves its control frames unread (a flood of
+        PINGs it does not read the answers to) is logged at info level, with the other
+        refusals: Twisted logged an error, for what any client can cause at will.
+        """
+        buffered = self.conn.data_to_send()
+        if not buffered:
+            return True
+        transport: Any = self.transport
+        if self._consumerBlocked is None and not self._bufferedControlFrames:
+            transport.write(buffered)
+            return True
+        self._bufferedControlFrames.append(buffered)
+        self._bufferedControlFrameBytes += len(buffered)
+        if self._bufferedControlFrameBytes < self._maxBufferedControlFrameBytes:
+            return True
+        self._log.info(
+            "closing an HTTP/2 connection from {client}: it does not read what it is sent "
+            "({size} bytes of control frames waiting)",
+            client=self._peer_host(),
+            size=self._bufferedControlFrameBytes,
+        )
+        transport.abortConnection()
+        self.connectionLost(Failure(ExcessiveBufferingError()))
+        return False
 
     def _spend_reset_token(self) -> None:
         """
