@@ -6,7 +6,8 @@ import json
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel
@@ -352,13 +353,20 @@ class SlowClientTests(SynchronousTestCase):
         self.assertEqual(self.harness.sent(), [])
 
     def test_idle_keepalive_closed_silently(self) -> None:
-        """An idle keep-alive connection is closed without an answer."""
+        """
+        An idle keep-alive connection is closed without an answer, then aborted if it is
+        not gone; routine, so logged at debug level only.
+        """
         proto, transport = self.harness.connect()
         proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         transport.clear()
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]  # annotated for unittest.TestCase
         self.clock.advance(61)
         self.assertEqual(transport.value(), b"")
         self.assertTrue(transport.disconnecting)
+        self.assertEqual([e for e in log if e["log_level"] > LogLevel.debug], [])
+        self.clock.advance(15)  # Twisted's abortTimeout
+        self.assertTrue(transport.disconnected)
 
     def test_waiting_on_upstream_not_timed_out(self) -> None:
         """A request waiting on its upstream is not cut by the idle or head deadlines."""

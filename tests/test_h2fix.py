@@ -403,13 +403,20 @@ class IdleTimeoutTests(_H2TestCase):
         self.assertEqual(self.goaway_codes(client), [h2.errors.ErrorCodes.NO_ERROR])
 
     def test_connection_without_streams_times_out(self) -> None:
-        """A connection with no stream gets GOAWAY and is closed after the timeout."""
-        _, transport, client = self.serve()
+        """
+        A connection with no stream gets GOAWAY and is closed after the timeout, and then
+        aborted if it is not gone; routine, so logged at debug level only.
+        """
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]  # annotated for unittest.TestCase
+        connection, transport, client = self.serve()
         self.clock.advance(_TIMEOUT - 1)
         self.assertFalse(transport.disconnecting)
         self.clock.advance(2)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.goaway_codes(client), [h2.errors.ErrorCodes.NO_ERROR])
+        self.assertEqual([e for e in log if e["log_level"] > LogLevel.debug], [])
+        self.clock.advance(connection.abortTimeout)
+        self.assertTrue(transport.disconnected)
 
     def test_client_not_reading_times_out(self) -> None:
         """A stream with bytes the client will not accept does not keep the connection."""

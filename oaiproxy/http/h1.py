@@ -292,7 +292,13 @@ class ProxyHTTPChannel(HTTPChannel):
                 RequestTimeout(f"no request data for {self.timeOut:g}s: request timed out")
             )
             return
-        super().timeoutConnection()
+        # Twisted 26.10.0's, but at debug level: reaping idle keep-alive connections is
+        # routine, and Twisted's info line per connection was thousands of lines.
+        transport: Any = self.transport
+        self._log.debug("closing an idle connection from {client}", client=transport.getPeer())
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
 
     def _refuse(self, error: ProxyError) -> None:
         """Answer C{error} and close; ignore whatever else the client sends."""

@@ -914,7 +914,20 @@ class ProxyH2Connection(H2Connection):
             )
             self.setTimeout(self.timeOut)
             return
-        super().timeoutConnection()
+        if self.streams:
+            super().timeoutConnection()  # streams stalled on the client: logged (info)
+        else:
+            # Twisted 26.10.0's for a connection with no stream, at debug level: reaping idle
+            # connections is routine (Twisted's info line per connection was thousands).
+            transport: Any = self.transport
+            self._log.debug(
+                "closing an idle HTTP/2 connection from {client}", client=self._peer_host()
+            )
+            self.conn.close_connection(error_code=h2.errors.ErrorCodes.NO_ERROR)
+            transport.write(self.conn.data_to_send())
+            if self.abortTimeout is not None:
+                self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+            transport.loseConnection()
         # Twisted's sends GOAWAY but keeps the streams, whose responses would then be
         # written into a closed connection, and stays the transport's producer.
         self._close_transport()
