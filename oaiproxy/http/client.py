@@ -180,7 +180,7 @@ def _parse_head(data: bytes, head_end: int) -> _Head:
         lines = [line[:-1] if line.endswith(b"\r") else line for line in raw.split(b"\n")]
         if any(b"\r" in line for line in lines):
             raise UpstreamProtocolError("upstream sent an invalid response: a bare CR in its head")
-    if b"\x00" in raw:
+    if 0 in raw:  # a NUL (an int needle is ten times faster: see requesthead._NUL)
         raise UpstreamProtocolError("upstream sent an invalid response: NUL in its head")
     head = _Head()
     status = lines[0].split(b" ", 2)

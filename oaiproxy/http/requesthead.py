@@ -47,6 +47,10 @@ __all__ = ["parse_head"]
 # refusal).
 _MAX_LENGTH_DIGITS = 18
 
+# NUL as an int: CPython 3.11 looks for a bytes needle in bytes (C{b"\\x00" in head}) only
+# after trying it as an int and clearing the TypeError, about ten times slower.
+_NUL = 0
+
 
 def _check(channel: Any, data: bytes) -> tuple[int, int, list[bytes]] | None:
     """Where C{data}'s head ends, its size as counted by Twisted, and its lines; or C{None}."""
@@ -78,7 +82,7 @@ def _check(channel: Any, data: bytes) -> tuple[int, int, list[bytes]] | None:
         or head.count(b"\r") != fields
         or b"\n " in head
         or b"\n\t" in head
-        or b"\x00" in head
+        or _NUL in head
     ):
         return None
     # Twisted counts the bytes of each line, without line ends.

@@ -344,7 +344,7 @@ class ProxyResource(Resource):
             return server.NOT_DONE_YET
         if path != b"/v1" and not path.startswith(b"/v1/"):
             raise NotFound(f"Invalid URL ({_shown(method)} {path.decode('latin-1')[:200]})")
-        if (b"." in path or b"%" in path or b"\\" in path) and _has_dot_segment(path):
+        if (_DOT in path or _PERCENT in path or _BACKSLASH in path) and _has_dot_segment(path):
             # /v1/../admin leaves the upstream's base path once the upstream (or anything in
             # front of it) resolves the dots; no OpenAI path has such a segment.
             raise InvalidRequest("the request path has a '.' or '..' segment")
@@ -424,6 +424,12 @@ class ProxyResource(Resource):
         request.responseHeaders.setRawHeaders(b"x-request-id", [_request_id(request)])
         request.write(body)
         request.finish()
+
+
+# The bytes a path with a dot segment must hold, as ints: CPython 3.11 looks for a bytes
+# needle in bytes (C{b"." in path}) only after trying it as an int and clearing the
+# TypeError, about ten times slower (0.4 against 0.04 us).
+_DOT, _PERCENT, _BACKSLASH = b".%\\"
 
 
 def _has_dot_segment(path: bytes) -> bool:
