@@ -83,6 +83,63 @@ class RefusalTests(SynchronousTestCase):
             error = self.refused(raw, 400, "invalid_request", harness)
             self.assertIn("bare", error["message"])
 
+    def test_pipelined_body_with_lf_after_a_local_answer(self) -> None:
+        """
+        A request the proxy answers itself (400 invalid JSON), then in the same write a valid
+        one whose body has LFs (pretty-printed JSON): the second is forwarded, the
+        connection stays open. (Its body was read as a head with bare LFs: 400 and close.)
+        """
+        harness = make_harness()
+        pretty = b'{\n "model": "m",\n "messages": []\n}'
+        _, transport = harness.send(
+            post(b"/v1/chat/completions", b'{"a":1') + post(b"/v1/chat/completions", pretty)
+        )
+        self.assertEqual(parse_response(transport.value())[0], 400)
+        self.assertEqual([s.body for s in harness.sent()], [pretty])
+        self.assertFalse(transport.disconnecting)
+
+    def test_pipelined_head_with_bare_lf_refused(self) -> None:
+        """A bare LF in the head of a pipelined request is still refused."""
+        harness = make_harness()
+        _, transport = harness.send(
+            post(b"/v1/chat/completions", b'{"a":1') + b"GET /v1/models HTTP/1.1\nHost: x\n\n"
+        )
+        raw = transport.value()
+        self.assertIn(b"bare", raw)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(harness.sent(), [])
+
+    def test_connection_close_among_options(self) -> None:
+        """
+        C{close} in any Connection field, among comma-separated options and in any case,
+        ends the connection after the answer (RFC 9110 section 7.6.1); a pipelined request
+        after it is not read.
+        """
+        for fields in (
+            b"Connection: close, te\r\n",
+            b"Connection: TE,Close\r\n",
+            b"Connection: keep-alive\r\nConnection: close\r\n",
+        ):
+            with self.subTest(fields=fields):
+                harness = make_harness()
+                _, transport = harness.send(
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\n%s\r\n" % fields
+                    + b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+                )
+                status, headers, _ = parse_response(transport.value())
+                self.assertEqual((status, headers.get(b"connection")), (200, [b"close"]))
+                self.assertTrue(transport.disconnecting)
+                self.assertEqual(harness.sent(), [])
+
+    def test_keep_alive_options_keep_the_connection(self) -> None:
+        """Connection options without close keep an HTTP/1.1 connection open."""
+        harness = make_harness()
+        _, transport = harness.send(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, te\r\n\r\n"
+        )
+        self.assertEqual(parse_response(transport.value())[0], 200)
+        self.assertFalse(transport.disconnecting)
+
     def test_obs_fold(self) -> None:
         """Obsolete line folding is refused, not unfolded as Twisted would."""
         error = self.refused(

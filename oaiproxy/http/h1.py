@@ -115,6 +115,13 @@ class ProxyHTTPChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
+        if self._busyReceiving:
+            # Called from inside the parse under way (the end of a body hands what follows
+            # it back this way): LineReceiver only queues the bytes, for the loop running
+            # below us, and that loop's caller checks them once parsed. Checked here, a
+            # pipelined request's body (pretty-printed JSON) looked like a head with bare LFs.
+            super().dataReceived(data)
+            return
         if not (self.fast_heads and requesthead.parse_head(self, data)):
             super().dataReceived(data)
         if self._bare_lf():
@@ -279,6 +286,21 @@ class ProxyHTTPChannel(HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:
         """A request line or header line longer than the whole head may be."""
         self._refuse(HeadersTooLarge(f"a request head line is over {self.totalHeadersSize} bytes"))
+
+    @override
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        Twisted's, but C{close} is found as RFC 9110 section 7.6.1 lists it: in any
+        C{Connection} field, among comma-separated options (Twisted split the first field on
+        spaces only: C{close, te} or a second C{Connection: close} kept the connection).
+        """
+        if version != b"HTTP/1.1":
+            return False  # as Twisted: HTTP/1.0 answers may need the close to end them
+        for value in request.requestHeaders.getRawHeaders(b"connection", ()):
+            if any(option.strip().lower() == b"close" for option in value.split(b",")):
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                return False
+        return True
 
     @override
     def timeoutConnection(self) -> None:
