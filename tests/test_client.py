@@ -20,7 +20,8 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web._newclient import ResponseDone, ResponseFailed
@@ -755,7 +756,11 @@ class RetryTests(ClientCase):
     """One retry on a new connection, only for a reused one lost before any response byte."""
 
     def test_reused_lost_retried(self) -> None:
-        """A reused connection lost before answering: the request goes again on a new one."""
+        """
+        A reused connection lost before answering: the request goes again on a new one, and
+        that is logged (a hint that upstream_keepalive is too long for the upstream).
+        """
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]  # annotated for unittest.TestCase
         protocol, transport = self.exchange()
         transport.clear()
         d = self.client.request(b"POST", URL, None, BytesProducer(b"body"))
@@ -768,6 +773,8 @@ class RetryTests(ClientCase):
         self.assertEqual(transport2.value(), sent)
         protocol2.dataReceived(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual(self.response(d).code, 202)
+        [line] = [formatEvent(e) for e in log if "sent again" in formatEvent(e)]
+        self.assertIn("upstream_keepalive", line)
 
     def test_reused_lost_late_not_retried(self) -> None:
         """A reused connection lost after holding the request a while: no second send."""

@@ -754,6 +754,12 @@ class _Connection(Protocol):
                 # the upstream had the request for a while (it may have worked on it).
                 call.retried = True
                 call.connection = None
+                log.info(
+                    "upstream {origin} closed a pooled connection as a request went out on it: "
+                    "sent again on a new one (is upstream_keepalive above its keep-alive "
+                    "timeout?)",
+                    origin=self._client._origin.decode("ascii", "replace"),
+                )
                 call.start(reuse=False)
             else:
                 call.failed(_lost_before_answer(reason))
