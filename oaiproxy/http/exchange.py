@@ -153,17 +153,25 @@ class Exchange:
             return  # cancelled by us: deadline or client gone
         error = map_failure(failure)
         self._record(error.code or "error")
-        log.info(
-            "upstream {upstream} failed for {request_id}: {error}",
-            upstream=self._upstream.name if self._upstream else "-",
-            request_id=self.ctx.request_id.decode("ascii", "replace"),
-            error=error.message,
-        )
+        self._failed(error)
+
+    def _failed(self, error: ProxyError) -> None:
+        """This attempt failed with nothing sent downstream: the next upstream, or C{error}."""
+        self._log("upstream {upstream} failed for {request_id}: {error}", error=error.message)
         self._last_error = error
         if error.retryable and self._can_retry():
             self._attempt()
         else:
             self._give_up(error)
+
+    def _log(self, text: str, **fields: object) -> None:
+        """An info line about this exchange: C{{upstream}} and C{{request_id}} are filled in."""
+        log.info(
+            text,
+            upstream=self._upstream.name if self._upstream else "-",
+            request_id=self.ctx.request_id.decode("ascii", "replace"),
+            **fields,
+        )
 
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
@@ -192,21 +200,17 @@ class Exchange:
             self._cancel_first_byte()
             response.deliverBody(_Discard())
             self._last_error = UpstreamBadStatus(f"upstream answered {response.code}")
-            log.info(
+            self._log(
                 "upstream {upstream} answered {status} for {request_id}: trying another",
-                upstream=self._upstream.name if self._upstream else "-",
                 status=response.code,
-                request_id=self.ctx.request_id.decode("ascii", "replace"),
             )
             self._attempt()
             return
         self._record(str(response.code))
         if response.code >= 500 or response.code == 429:
-            log.info(
+            self._log(
                 "upstream {upstream} answered {status} for {request_id}: passed through",
-                upstream=self._upstream.name if self._upstream else "-",
                 status=response.code,
-                request_id=self.ctx.request_id.decode("ascii", "replace"),
             )
         self._relay = Relay(
             self._request,
@@ -225,31 +229,16 @@ class Exchange:
             self._finish()
             return
         relay = self._relay
-        if (
-            error.retryable
-            and relay is not None
-            and not relay.committed
-            and not self.done
-            and not self.client_gone
-            and self._can_retry()
-            and self._pool.any_left(self._tried, self._clock.seconds())
-        ):
-            # A broken body before anything went to the client (a malformed first chunk):
-            # a broken response, as a malformed head is; the next upstream is tried.
-            if self.ctx.attempts:  # this upstream's outcome: not its status after all
-                self.ctx.attempts[-1] = (self.ctx.attempts[-1][0], error.code or "error")
-            self._cancel_first_byte()
-            self._last_error = error
-            self._relay = None
-            log.info(
-                "upstream {upstream} failed for {request_id}: {error}",
-                upstream=self._upstream.name if self._upstream else "-",
-                request_id=self.ctx.request_id.decode("ascii", "replace"),
-                error=error.message,
-            )
-            self._attempt()
+        if relay is None or relay.committed or self.done or self.client_gone:
+            self._give_up(error)
             return
-        self._give_up(error)
+        # A broken body before anything went to the client (a malformed first chunk) is a
+        # broken response, as a malformed head is: this attempt failed.
+        if self.ctx.attempts:  # this upstream's outcome: not its status after all
+            self.ctx.attempts[-1] = (self.ctx.attempts[-1][0], error.code or "error")
+        self._cancel_first_byte()
+        self._relay = None
+        self._failed(error)
 
     # -- endings -------------------------------------------------------------------------
 

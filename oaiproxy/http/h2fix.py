@@ -162,6 +162,20 @@ _CLOSED: Final = "the HTTP/2 connection is closed"
 #: Control frames a client can send at will, each answered: counted against a token bucket.
 _CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
 
+
+def _take_token(tokens: float, elapsed: float, burst: float, rate: float) -> tuple[float, bool]:
+    """
+    One step of a token bucket (Twisted's against Rapid Reset, and ours for control frames):
+    C{tokens} refilled for C{elapsed} seconds (never below 0: the clock may step back) at
+    C{rate}, up to C{burst}; then one spent if there is one. The tokens left, and whether
+    one was spent.
+    """
+    tokens = min(burst, tokens + max(0.0, elapsed) * rate)
+    if tokens < 1:
+        return tokens, False
+    return tokens - 1, True
+
+
 #: The events of a request, dropped for a stream reset in the same bytes (the reset itself is
 #: still handled).
 _REQUEST_EVENTS = (
@@ -234,8 +248,8 @@ class ProxyH2Connection(H2Connection):
         self._early_resets = 0
         self._control_tokens = float(CONTROL_FRAME_BURST)
         self._control_tokens_at = reactor.seconds()
-        # Streams whose request asked for 100 Continue: answered once the head is checked.
-        self._continue_wanted: set[int] = set()
+        # Whether the request being received asked for 100 Continue (see _send100Continue).
+        self._continue_wanted = False
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
         super().__init__(reactor)
@@ -357,6 +371,7 @@ class ProxyH2Connection(H2Connection):
         if error is not None:
             self._refuse(event.stream_id, error, _header(event.headers, b"x-request-id"))
             return
+        self._continue_wanted = False  # set by _send100Continue, as Twisted builds the request
         super()._requestReceived(event)
         self._opened_at[event.stream_id] = self._reactor.seconds()
         self._streams_started += 1
@@ -367,15 +382,12 @@ class ProxyH2Connection(H2Connection):
         cap = self._body_cap(event.stream_id)
         # A content-length over the cap (the request noted it): answer before any DATA.
         if cap is not None and getattr(self._request_of(event.stream_id), "body_too_large", False):
-            self._continue_wanted.discard(event.stream_id)
             self._refuse(
                 event.stream_id, BodyTooLarge.over(cap), _header(event.headers, b"x-request-id")
             )
             return
-        if event.stream_id in self._continue_wanted:
-            self._continue_wanted.discard(event.stream_id)
-            if event.stream_ended is None:  # a body is coming: invite it
-                super()._send100Continue(event.stream_id)
+        if self._continue_wanted and event.stream_ended is None:  # a body is coming
+            super()._send100Continue(event.stream_id)
 
     @override
     def _send100Continue(self, streamID: int) -> None:
@@ -384,7 +396,7 @@ class ProxyH2Connection(H2Connection):
         looked at it: held until L{_requestReceived} has (no 100 before a 413, nor for a
         request whose HEADERS ended the stream), as over HTTP/1.1.
         """
-        self._continue_wanted.add(streamID)
+        self._continue_wanted = True
 
     def _refusal_for(self, headers: list[tuple[bytes, bytes]]) -> ProxyError | None:
         """
@@ -642,16 +654,16 @@ class ProxyH2Connection(H2Connection):
         spend one token; with none left, GOAWAY ENHANCE_YOUR_CALM (and C{False}).
         """
         now = self._reactor.seconds()
-        elapsed = max(0.0, now - self._control_tokens_at)
-        self._control_tokens = min(
-            float(CONTROL_FRAME_BURST), self._control_tokens + elapsed * CONTROL_FRAME_RATE
+        self._control_tokens, taken = _take_token(
+            self._control_tokens,
+            now - self._control_tokens_at,
+            CONTROL_FRAME_BURST,
+            CONTROL_FRAME_RATE,
         )
         self._control_tokens_at = now
-        if self._control_tokens < 1:
+        if not taken:
             self._calm_down("too many PING or SETTINGS frames")
-            return False
-        self._control_tokens -= 1
-        return True
+        return taken
 
     @override
     def _tryToWriteControlData(self) -> bool:
@@ -689,15 +701,17 @@ class ProxyH2Connection(H2Connection):
         ENHANCE_YOUR_CALM when none is left.
         """
         now = self._reactor.seconds()
-        elapsed = max(0.0, now - self._resetTokenTimestamp)
-        self._resetTokens = min(
-            self._resetTokenBurst, self._resetTokens + elapsed * self._resetTokenRate
+        tokens, taken = _take_token(
+            self._resetTokens,
+            now - self._resetTokenTimestamp,
+            self._resetTokenBurst,
+            self._resetTokenRate,
         )
+        # Inferred as an int from Twisted's burst; its own refill makes it a float as well.
+        self._resetTokens = tokens  # type: ignore[assignment]
         self._resetTokenTimestamp = now
-        if self._resetTokens < 1:
+        if not taken:
             self._calm_down("too many stream resets")
-        else:
-            self._resetTokens -= 1
 
     @override
     def _handleWindowUpdate(self, event: h2.events.WindowUpdated) -> None:

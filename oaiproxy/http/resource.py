@@ -181,15 +181,12 @@ class ProxyRequest(server.Request):
             # HTTP/1.1: answer now and close, rather than read a body we will not use.
             error = BodyTooLarge.over(self.max_body_bytes)
             request_id = _request_id(self)
-            log.info(
-                "{status} {code} for {method} {path} ({request_id}): {message}",
-                status=error.status,
-                code=error.code,
-                # Before its body the request has no method or path yet: the channel's.
-                method=(getattr(channel, "_command", None) or b"-").decode("latin-1"),
-                path=for_log((getattr(channel, "_path", None) or b"-").decode("latin-1")),
-                request_id=request_id.decode("ascii"),
-                message=error.message,
+            # Before its body the request has no method or path yet: the channel's.
+            _log_answer(
+                error,
+                getattr(channel, "_command", None) or b"-",
+                getattr(channel, "_path", None) or b"-",
+                request_id,
             )
             transport.write(early_error_response(error, request_id))
             transport.loseConnection()
@@ -212,21 +209,26 @@ def _request_id(request: server.Request) -> bytes:
     return request_id
 
 
+def _log_answer(error: ProxyError, method: bytes, path: bytes, request_id: bytes) -> None:
+    """The log line of an error answered to a client."""
+    log.info(
+        "{status} {code} for {method} {path} ({request_id}): {message}",
+        status=error.status,
+        code=error.code,
+        method=method.decode("latin-1"),
+        path=for_log(path.decode("latin-1")),
+        request_id=request_id.decode("ascii"),
+        message=error.message,
+    )
+
+
 def write_error(request: server.Request, error: ProxyError) -> None:
     """
     Answer C{request} with C{error} as OpenAI-shaped JSON: its status, C{Retry-After} when it
     has one, and the request id. Logs it. Does nothing if the client has gone.
     """
     request_id = _request_id(request)
-    log.info(
-        "{status} {code} for {method} {path} ({request_id}): {message}",
-        status=error.status,
-        code=error.code,
-        method=request.method.decode("latin-1"),
-        path=for_log(request.path.decode("latin-1")),
-        request_id=request_id.decode("ascii"),
-        message=error.message,
-    )
+    _log_answer(error, request.method, request.path, request_id)
     if getattr(request, "_disconnected", False) or request.finished:
         return
     body = error.to_json()
