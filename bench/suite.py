@@ -5,6 +5,7 @@ and notes they leave for the report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shlex
@@ -187,6 +188,28 @@ FLOORS = {
 
 #: The floor proxies that can relay a stream (the minimal client reads by Content-Length).
 _STREAMING_FLOORS = ("floor-raw", "floor-agent", "floor-epoll")
+
+
+def _set_affinity(pid: int, cores: set[int]) -> None:
+    """Let every thread of process C{pid} run on C{cores} only (a thread gone is skipped)."""
+    try:
+        tasks = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return
+    for task in tasks:
+        with contextlib.suppress(OSError):  # the thread has ended
+            os.sched_setaffinity(task, cores)
+
+
+def _burst_medians(
+    rounds: dict[str, list[StreamRun]],
+) -> tuple[dict[str, float], dict[str, float], dict[str, int], dict[str, int]]:
+    """Per target: the median round's TTFT p50 and p99, streams complete and started."""
+    p50 = {t: statistics.median(r.ttft(50) for r in runs) for t, runs in rounds.items()}
+    p99 = {t: statistics.median(r.ttft(99) for r in runs) for t, runs in rounds.items()}
+    done = {t: sum(r.completed for r in runs) for t, runs in rounds.items()}
+    total = {t: sum(r.streams for r in runs) for t, runs in rounds.items()}
+    return p50, p99, done, total
 
 
 def _fmt_ms(ms: float) -> str:
@@ -684,44 +707,76 @@ class Bench:
 
     # 5 ------------------------------------------------------------------------------------
 
-    def measure_ttft(self) -> None:
+    def _pin(self, mode: str, cores: list[int]) -> None:
+        """
+        Set which cores the processes of measurement 5 may run on. C{pinned}: the mock and
+        this process (the client) on the first core, every proxy on the second, so that the
+        proxy under test takes no CPU from the mock and the client, as when the upstream is
+        another machine; C{unpinned}: every process on every core, the scheduler's choice.
+        """
+        every = set(cores)
+        load = every if mode == "unpinned" else {cores[0]}
+        proxies = every if mode == "unpinned" else {cores[-1]}
+        _set_affinity(os.getpid(), load)
+        for name, pid in self._pids().items():
+            _set_affinity(pid, load if name == "mock" else proxies)
+
+    def _burst_round(
+        self,
+        i: int,
+        mode: str,
+        cores: list[int],
+        targets: tuple[str, ...],
+        rounds: dict[str, list[StreamRun]],
+    ) -> None:
         s = self.settings
         ideal = s.ttft_chunks * s.ttft_delay_ms / 1000
+        self._pin(mode, cores)
+        for target in targets:
+            port = self._port(target)
+
+            def streams(port: int = port) -> StreamRun:
+                return run_streams(
+                    port,
+                    streams=s.ttft_streams,
+                    chunks=s.ttft_chunks,
+                    chunk_size=8,
+                    delay_ms=s.ttft_delay_ms,
+                    timeout=ideal + 60,
+                )
+
+            run, cpu = self._cpu_during(streams)
+            rounds[target].append(run)
+            self._note(
+                "5",
+                f"round {i + 1} ({mode}), {target}: {run.completed}/{run.streams} complete in "
+                f"{run.wall_s:.2f} s (ideal {ideal:.2f} s); TTFT p50 {_fmt_ms(run.ttft(50))}, "
+                f"p99 {_fmt_ms(run.ttft(99))}, max {_fmt_ms(run.ttft(100))}; connect p99 "
+                f"{_fmt_ms(run.connect(99))}; stream duration p50 "
+                f"{run.total(50) / 1000:.2f} s, p99 {run.total(99) / 1000:.2f} s; "
+                + _cpu_text(cpu)
+                + (f"; errors: {sorted(set(run.errors))[:3]}" if run.errors else ""),
+            )
+
+    def measure_ttft(self) -> None:
+        s = self.settings
         targets = ("direct", "nginx", "oaiproxy", "oaiproxy-4s", *_STREAMING_FLOORS)
-        rounds: dict[str, list[StreamRun]] = {t: [] for t in targets}
+        cores = sorted(os.sched_getaffinity(0))
+        modes = ("pinned", "unpinned") if len(cores) >= 2 else ("unpinned",)
+        by_mode: dict[str, dict[str, list[StreamRun]]] = {
+            m: {t: [] for t in targets} for m in modes
+        }
         drops_before = tcp_listen_drops()
         # Bursts vary a lot from one to the next on two shared cores: rounds of every target
-        # in turn, and the median round of each.
-        for i in range(s.ttft_rounds):
-            for target in targets:
-                port = self._port(target)
-
-                def streams(port: int = port) -> StreamRun:
-                    return run_streams(
-                        port,
-                        streams=s.ttft_streams,
-                        chunks=s.ttft_chunks,
-                        chunk_size=8,
-                        delay_ms=s.ttft_delay_ms,
-                        timeout=ideal + 60,
-                    )
-
-                run, cpu = self._cpu_during(streams)
-                rounds[target].append(run)
-                self._note(
-                    "5",
-                    f"round {i + 1}, {target}: {run.completed}/{run.streams} complete in "
-                    f"{run.wall_s:.2f} s (ideal {ideal:.2f} s); TTFT p50 {_fmt_ms(run.ttft(50))}, "
-                    f"p99 {_fmt_ms(run.ttft(99))}, max {_fmt_ms(run.ttft(100))}; connect p99 "
-                    f"{_fmt_ms(run.connect(99))}; stream duration p50 "
-                    f"{run.total(50) / 1000:.2f} s, p99 {run.total(99) / 1000:.2f} s; "
-                    + _cpu_text(cpu)
-                    + (f"; errors: {sorted(set(run.errors))[:3]}" if run.errors else ""),
-                )
-        p50 = {t: statistics.median(r.ttft(50) for r in rounds[t]) for t in targets}
-        p99 = {t: statistics.median(r.ttft(99) for r in rounds[t]) for t in targets}
-        done = {t: sum(r.completed for r in rounds[t]) for t in targets}
-        total = {t: sum(r.streams for r in rounds[t]) for t in targets}
+        # in turn, pinned then not, and the median round of each.
+        try:
+            for i in range(s.ttft_rounds):
+                for mode in modes:
+                    self._burst_round(i, mode, cores, targets, by_mode[mode])
+        finally:
+            self._pin("unpinned", cores)
+        medians = {m: _burst_medians(by_mode[m]) for m in modes}
+        p50, p99, done, total = medians[modes[0]]
         single: dict[str, StreamRun] = {}
         for target in ("direct", "nginx", "oaiproxy"):
             single[target] = run_streams(
@@ -770,7 +825,12 @@ class Bench:
             Row(
                 "5",
                 f"TTFT p50 / p99, {s.ttft_streams} streams x {s.ttft_chunks} chunks @ "
-                f"{s.ttft_delay_ms} ms (median of {s.ttft_rounds} bursts)",
+                f"{s.ttft_delay_ms} ms (median of {s.ttft_rounds} bursts; "
+                + (
+                    "the mock and the client on one core, the proxy on the other)"
+                    if modes[0] == "pinned"
+                    else "one core only: nothing pinned)"
+                ),
                 cell("direct"),
                 cell("nginx"),
                 cell("oaiproxy"),
@@ -779,10 +839,33 @@ class Bench:
                 _status(all_done and over50 <= 20 and over99 <= 20),
             )
         )
+        if "unpinned" in medians and modes[0] != "unpinned":
+            u50, u99, udone, utotal = medians["unpinned"]
+
+            def overheads(t: str) -> str:
+                return (
+                    f"{u50[t] - u50['direct']:+.1f} / {u99[t] - u99['direct']:+.1f} ms "
+                    f"({udone[t]}/{utotal[t]} done)"
+                )
+
+            self._row(
+                Row(
+                    "5",
+                    "TTFT p50 / p99 in the same rounds with nothing pinned (the mock, the "
+                    "client and the proxy share both cores)",
+                    f"{u50['direct']:.1f} / {u99['direct']:.1f} ms",
+                    f"{u50['nginx']:.1f} / {u99['nginx']:.1f} ms",
+                    f"{u50['oaiproxy']:.1f} / {u99['oaiproxy']:.1f} ms",
+                    f"overhead p50 / p99: oaiproxy {overheads('oaiproxy')}; nginx "
+                    f"{overheads('nginx')}; {FLOORS['floor-epoll']} {overheads('floor-epoll')}",
+                    "",
+                    "info",
+                )
+            )
         self._row(
             Row(
                 "5",
-                "TTFT p50 overhead in the same bursts, floor proxies (bench/floor.py)",
+                "TTFT p50 overhead in the same (pinned) bursts, floor proxies (bench/floor.py)",
                 "-",
                 "-",
                 f"{over50:+.1f} ms",
@@ -798,8 +881,8 @@ class Bench:
         self._row(
             Row(
                 "5",
-                "TTFT p50 overhead in the same bursts, oaiproxy with its default upstream "
-                "keep-alive (4 s: each burst on a cold upstream pool)",
+                "TTFT p50 overhead in the same (pinned) bursts, oaiproxy with its default "
+                "upstream keep-alive (4 s: each burst on a cold upstream pool)",
                 "-",
                 "-",
                 f"{over50:+.1f} ms",
