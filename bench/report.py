@@ -154,7 +154,7 @@ def write_report(path: Path, bench: Bench, *, started: float, elapsed: float) ->
         "the mock (a Python process) caps what 'direct' and 'nginx' can reach; the ratios "
         "compare oaiproxy with nginx in front of that same mock. Measurement 5's bursts run "
         "twice in alternating rounds: pinned (the mock and the burst client, one epoll loop in "
-        "`bench/streams.py`, on the first core; the proxy under test on the second, as when "
+        "`bench/streams.py`, on the first core; the proxy under test on the last, as when "
         "the upstream is another machine), which its target row reports, and unpinned (the "
         "scheduler's choice), reported on the next row. Four floor proxies "
         "(`bench/floor.py`: a Twisted TCP byte relay, twisted.web with a minimal client, "

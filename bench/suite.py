@@ -197,7 +197,7 @@ def _set_affinity(pid: int, cores: set[int]) -> None:
     except OSError:
         return
     for task in tasks:
-        with contextlib.suppress(OSError):  # the thread has ended
+        with contextlib.suppress(ProcessLookupError):  # the thread has ended
             os.sched_setaffinity(task, cores)
 
 
@@ -710,7 +710,7 @@ class Bench:
     def _pin(self, mode: str, cores: list[int]) -> None:
         """
         Set which cores the processes of measurement 5 may run on. C{pinned}: the mock and
-        this process (the client) on the first core, every proxy on the second, so that the
+        this process (the client) on the first core, every proxy on the last, so that the
         proxy under test takes no CPU from the mock and the client, as when the upstream is
         another machine; C{unpinned}: every process on every core, the scheduler's choice.
         """
@@ -827,7 +827,8 @@ class Bench:
                 f"TTFT p50 / p99, {s.ttft_streams} streams x {s.ttft_chunks} chunks @ "
                 f"{s.ttft_delay_ms} ms (median of {s.ttft_rounds} bursts; "
                 + (
-                    "the mock and the client on one core, the proxy on the other)"
+                    f"the mock and the client on core {cores[0]}, the proxy on core "
+                    f"{cores[-1]}, of {len(cores)})"
                     if modes[0] == "pinned"
                     else "one core only: nothing pinned)"
                 ),
@@ -852,7 +853,7 @@ class Bench:
                 Row(
                     "5",
                     "TTFT p50 / p99 in the same rounds with nothing pinned (the mock, the "
-                    "client and the proxy share both cores)",
+                    f"client and the proxy share all {len(cores)} cores)",
                     f"{u50['direct']:.1f} / {u99['direct']:.1f} ms",
                     f"{u50['nginx']:.1f} / {u99['nginx']:.1f} ms",
                     f"{u50['oaiproxy']:.1f} / {u99['oaiproxy']:.1f} ms",
@@ -865,7 +866,8 @@ class Bench:
         self._row(
             Row(
                 "5",
-                "TTFT p50 overhead in the same (pinned) bursts, floor proxies (bench/floor.py)",
+                f"TTFT p50 overhead in the same ({modes[0]}) bursts, floor proxies "
+                "(bench/floor.py)",
                 "-",
                 "-",
                 f"{over50:+.1f} ms",
@@ -881,8 +883,8 @@ class Bench:
         self._row(
             Row(
                 "5",
-                "TTFT p50 overhead in the same (pinned) bursts, oaiproxy with its default "
-                "upstream keep-alive (4 s: each burst on a cold upstream pool)",
+                f"TTFT p50 overhead in the same ({modes[0]}) bursts, oaiproxy with its "
+                "default upstream keep-alive (4 s: each burst on a cold upstream pool)",
                 "-",
                 "-",
                 f"{over50:+.1f} ms",

@@ -139,6 +139,29 @@ class RunStreamsTests(SynchronousTestCase):
         self.assertEqual(run.completed, 0)
         self.assertEqual(run.errors, ["1 streams timed out"])
 
+    def test_never_started(self) -> None:
+        """Streams the timeout leaves unstarted are reported, not forgotten."""
+        server = self.serve(_answer(3))
+        run = run_streams(
+            server.port, streams=5, chunks=3, chunk_size=8, delay_ms=0, timeout=0.5, stagger=60
+        )
+        self.assertEqual(run.completed, 1)
+        self.assertEqual(run.errors, ["4 streams never started"])
+
+    def test_first_event_split(self) -> None:
+        """
+        A complete stream whose events are each split across chunks (so none is ever seen
+        whole in what was read) is reported, rather than counted with no time to first token.
+        """
+        whole = [b"data: {}\n\n"] * 4 + [b"data: [DONE]\n\n"]
+        events = [piece for event in whole for piece in (event[:2], event[2:])]
+        server = self.serve(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            + _chunked(events)
+        )
+        run = run_streams(server.port, streams=1, chunks=3, chunk_size=8, delay_ms=0, timeout=20)
+        self.assertEqual((run.completed, run.errors), (0, ["first event not timed"]))
+
     def test_dechunk(self) -> None:
         self.assertEqual(dechunk(_chunked([b"ab", b"cde"])), b"abcde")
         self.assertRaises(ValueError, dechunk, b"5\r\nab")
