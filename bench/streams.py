@@ -163,18 +163,23 @@ _WRITE = select.EPOLLOUT
 _ENDED = select.EPOLLRDHUP | select.EPOLLHUP
 
 
-def _run(
-    host: str,
+def run_streams(
     port: int,
-    n: int,
     *,
+    streams: int,
     chunks: int,
     chunk_size: int,
     delay_ms: int,
     timeout: float,
-    read_every: float,
-    stagger: float,
+    read_every: float = 0.05,
+    stagger: float = 0.0,
+    host: str = "127.0.0.1",
 ) -> StreamRun:
+    """
+    C{streams} concurrent streamed completions to C{host:port}, bounded by C{timeout}: all
+    started at once, or one every C{stagger} seconds. After its first event a stream is read
+    every C{read_every} seconds.
+    """
     request = _request(host, port, chunks, chunk_size, delay_ms)
     # Content events, then the finish event and [DONE].
     expected = chunks + 2
@@ -187,7 +192,7 @@ def _run(
     started = now = time.perf_counter()
     deadline = started + timeout
     next_start = started
-    to_start = n
+    to_start = streams
 
     def finish(fd: int, when: float, error: str = "") -> None:
         conn = conns.pop(fd)
@@ -297,41 +302,11 @@ def _run(
     errors += [r.error for r in done if not r.ok]
     good = [r for r in done if r.ok]
     return StreamRun(
-        streams=n,
+        streams=streams,
         completed=len(good),
         errors=errors,
         ttft_ms=[r.ttft_ms for r in good],
         total_ms=[r.total_ms for r in good],
         connect_ms=[r.connect_ms for r in good],
         wall_s=wall,
-    )
-
-
-def run_streams(
-    port: int,
-    *,
-    streams: int,
-    chunks: int,
-    chunk_size: int,
-    delay_ms: int,
-    timeout: float,
-    read_every: float = 0.05,
-    stagger: float = 0.0,
-    host: str = "127.0.0.1",
-) -> StreamRun:
-    """
-    C{streams} concurrent streamed completions to C{host:port}, bounded by C{timeout}: all
-    started at once, or one every C{stagger} seconds. After its first event a stream is read
-    every C{read_every} seconds.
-    """
-    return _run(
-        host,
-        port,
-        streams,
-        chunks=chunks,
-        chunk_size=chunk_size,
-        delay_ms=delay_ms,
-        timeout=timeout,
-        read_every=read_every,
-        stagger=stagger,
     )
