@@ -14,9 +14,11 @@ from oaiproxy import (
     ListenerConfig,
     PoolConfig,
     ProxyConfig,
+    Runtime,
     UpstreamConfig,
     build_service,
     install_quiet_dispatch,
+    tune_collector,
 )
 
 config = ProxyConfig(
@@ -70,6 +72,12 @@ config = ProxyConfig(
         #   theirs longer (nginx 75 s, Twisted 60 s), so that bursts find warm connections
     ),
     state_dir=".oaiproxy",  # generated files (the self-signed certificate)
+    runtime=Runtime(
+        gc_threshold=10_000,  # net new objects between young garbage collections (Python's
+        #   default is 700); None leaves the interpreter's setting
+        gc_freeze=True,  # once running, hide what start-up built from the collector: no full
+        #   collection rescans it (they stopped the proxy for 40-70 ms during bursts)
+    ),
 )
 
 application = Application("oaiproxy")
@@ -77,3 +85,7 @@ build_service(config, reactor).setServiceParent(application)
 # Socket events dispatched without Twisted's legacy log context: a quarter fewer instructions
 # per relayed event; Twisted's own legacy log lines then say "-" for the connection.
 install_quiet_dispatch(reactor)
+# The garbage collector set from config.runtime (see oaiproxy/gctune.py).
+tune_collector(
+    reactor, threshold=config.runtime.gc_threshold, freeze=config.runtime.gc_freeze
+)

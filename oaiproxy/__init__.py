@@ -16,8 +16,10 @@ from oaiproxy.config import (
     ListenerConfig,
     PoolConfig,
     ProxyConfig,
+    Runtime,
     UpstreamConfig,
 )
+from oaiproxy.gctune import tune_collector
 from oaiproxy.reactortune import install_quiet_dispatch
 from oaiproxy.service import build_service
 
@@ -28,7 +30,9 @@ __all__ = [
     "ListenerConfig",
     "PoolConfig",
     "ProxyConfig",
+    "Runtime",
     "UpstreamConfig",
     "build_service",
     "install_quiet_dispatch",
+    "tune_collector",
 ]

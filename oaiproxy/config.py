@@ -21,6 +21,7 @@ __all__ = [
     "ListenerConfig",
     "PoolConfig",
     "ProxyConfig",
+    "Runtime",
     "UpstreamConfig",
     "parse_listen",
     "parse_upstream",
@@ -271,6 +272,27 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True)
+class Runtime:
+    """
+    Settings of the whole Python process, applied by the entry points (C{proxy.tac} and the
+    plugin; see L{oaiproxy.gctune}).
+
+    @ivar gc_threshold: the garbage collector's young-generation threshold: net new objects
+        between young collections (Python's default is 700). C{None} leaves the
+        interpreter's setting as it is.
+    @ivar gc_freeze: once the reactor runs, move everything start-up built out of the
+        collector's sight (C{gc.freeze}), so that no collection scans it again.
+    """
+
+    gc_threshold: int | None = 10_000
+    gc_freeze: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gc_threshold is not None and self.gc_threshold < 100:
+            raise ConfigError("gc_threshold must be at least 100, or None")
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     """
     The whole proxy: where it listens, where it forwards, and its limits.
@@ -278,6 +300,7 @@ class ProxyConfig:
     @ivar demo: start two in-process mock upstreams (weights 1 and 3) and use them as the
         default pool; answers are fake.
     @ivar state_dir: where generated files (the self-signed certificate) are kept.
+    @ivar runtime: process-wide settings, which the entry points apply.
     """
 
     listeners: tuple[ListenerConfig, ...]
@@ -286,6 +309,7 @@ class ProxyConfig:
     limits: Limits = field(default_factory=Limits)
     demo: bool = False
     state_dir: str = ".oaiproxy"
+    runtime: Runtime = field(default_factory=Runtime)
 
     def __post_init__(self) -> None:
         if not self.listeners:

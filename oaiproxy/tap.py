@@ -18,10 +18,12 @@ from oaiproxy.config import (
     Limits,
     PoolConfig,
     ProxyConfig,
+    Runtime,
     UpstreamConfig,
     parse_listen,
     parse_upstream,
 )
+from oaiproxy.gctune import tune_collector
 from oaiproxy.reactortune import install_quiet_dispatch
 from oaiproxy.service import build_service
 
@@ -69,6 +71,11 @@ class Options(usage.Options):
     )
     optFlags: ClassVar[list[list[str | None]]] = [
         ["demo", None, "Run two built-in MOCK upstreams (weights 1 and 3): answers are fake."],
+        [
+            "no-gc-freeze",
+            None,
+            "Do not freeze the objects built at start-up out of the garbage collector's sight.",
+        ],
     ]
     optParameters: ClassVar[list[list[str | None]]] = [
         ["state-dir", None, ".oaiproxy", "Where generated files (self-signed cert) are kept."],
@@ -101,6 +108,8 @@ class Options(usage.Options):
          "Seconds for the whole request (0 disables)."],
         ["send-timeout", None, str(Deadlines().send),
          "Seconds a response may wait on a client that reads nothing (0 disables)."],
+        ["gc-threshold", None, str(Runtime().gc_threshold),
+         "Garbage collector's young threshold (Python's default 700; 0 leaves it as is)."],
     ]  # fmt: skip
 
     def __init__(self) -> None:
@@ -163,6 +172,10 @@ def config_from_options(options: Any) -> ProxyConfig:
         ),
         demo=bool(options["demo"]),
         state_dir=options["state-dir"],
+        runtime=Runtime(
+            gc_threshold=_whole(options, "gc-threshold") or None,
+            gc_freeze=not options["no-gc-freeze"],
+        ),
     )
 
 
@@ -181,4 +194,7 @@ def makeService(options: Options) -> IService:
         raise SystemExit(f"oaiproxy: {e}") from None
     # A quarter fewer instructions per relayed event (see oaiproxy/reactortune.py).
     install_quiet_dispatch(reactor)
+    # No full collection scanning the start-up heap under load (see oaiproxy/gctune.py).
+    runtime = options.config.runtime
+    tune_collector(reactor, threshold=runtime.gc_threshold, freeze=runtime.gc_freeze)
     return service

@@ -16,7 +16,14 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from oaiproxy.config import ConfigError, ListenerConfig, PoolConfig, ProxyConfig, UpstreamConfig
+from oaiproxy.config import (
+    ConfigError,
+    ListenerConfig,
+    PoolConfig,
+    ProxyConfig,
+    Runtime,
+    UpstreamConfig,
+)
 from oaiproxy.service import build_service, build_site
 from oaiproxy.tap import Options, makeService
 
@@ -122,12 +129,30 @@ class OptionsTests(SynchronousTestCase):
 
         installed: list[object] = []
         self.patch(oaiproxy.tap, "install_quiet_dispatch", installed.append)
+        tuned: list[tuple[object, int | None, bool]] = []
+        self.patch(
+            oaiproxy.tap,
+            "tune_collector",
+            lambda reactor, *, threshold, freeze: tuned.append((reactor, threshold, freeze)),
+        )
         options = Options()
         options.parseOptions(["--listen", "tcp:0", "--upstream", "http://127.0.0.1:9/v1"])
         makeService(options)
         from twisted.internet import reactor
 
         self.assertEqual(installed, [reactor])
+        self.assertEqual(tuned, [(reactor, 10_000, True)])  # config.runtime's defaults
+
+    def test_gc_options(self) -> None:
+        """--gc-threshold and --no-gc-freeze reach the config; 0 leaves the threshold be."""
+        base = ["--listen", "tcp:1", "--upstream", "http://127.0.0.1:9/v1"]
+        self.assertEqual(parse(*base).runtime, Runtime(gc_threshold=10_000, gc_freeze=True))
+        config = parse(*base, "--gc-threshold", "50000", "--no-gc-freeze")
+        self.assertEqual(config.runtime, Runtime(gc_threshold=50_000, gc_freeze=False))
+        self.assertIsNone(parse(*base, "--gc-threshold", "0").runtime.gc_threshold)
+        for bad in ("12", "lots"):
+            with self.assertRaises(usage.UsageError):
+                parse(*base, "--gc-threshold", bad)
 
     def test_build_errors_end_the_start_with_a_message(self) -> None:
         """
@@ -231,6 +256,12 @@ class ProxyTacTests(SynchronousTestCase):
 
         installed: list[object] = []
         self.patch(oaiproxy, "install_quiet_dispatch", installed.append)
+        tuned: list[tuple[object, int | None, bool]] = []
+        self.patch(
+            oaiproxy,
+            "tune_collector",
+            lambda reactor, *, threshold, freeze: tuned.append((reactor, threshold, freeze)),
+        )
         tac = Path(__file__).resolve().parent.parent / "proxy.tac"
         workdir = Path(self.mktemp())
         workdir.mkdir()
@@ -251,3 +282,4 @@ class ProxyTacTests(SynchronousTestCase):
         from twisted.internet import reactor
 
         self.assertEqual(installed, [reactor])  # the epoll loop without the log context
+        self.assertEqual(tuned, [(reactor, 10_000, True)])  # the garbage collector set

@@ -764,6 +764,9 @@ class _Connection(Protocol):
             else:
                 call.failed(_lost_before_answer(reason))
         response, self._response = self._response, None
+        # The chunked decoder holds a method of this connection: a reference cycle (through
+        # the response, to the relay and the client's request) left for the collector.
+        self._decoder = None
         if response is not None:
             if self._until_close and state == _BODY and reason.check(ConnectionDone):
                 response.body_end(Failure(PotentialDataLoss()))

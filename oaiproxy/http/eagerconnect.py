@@ -23,7 +23,9 @@ that method does not see them.
 
 Written against Twisted 26.10.0: it subclasses C{tcp.Client} and C{tcp.Connector} and uses
 their private C{_requiresResolution}, C{_connectDone} and C{resolveAddress} (the scheduled
-first step), and C{endpoints._WrappingFactory}, as C{TCP4ClientEndpoint} does.
+first step), and C{endpoints._WrappingFactory}, as C{TCP4ClientEndpoint} does (clearing its
+C{_connector} once the connection is lost, with the connector's C{transport}: reference
+cycles otherwise, one per upstream connection).
 """
 
 from __future__ import annotations
@@ -113,6 +115,29 @@ class _EagerClient(tcp.Client):
 
 
 class _EagerConnector(tcp.Connector):
+    @override
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._let_go()
+
+    @override
+    def connectionFailed(self, reason: Failure) -> None:
+        super().connectionFailed(reason)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """
+        Twisted keeps a lost connection's transport, which refers back to its connector, and
+        the endpoint's factory refers to the connector, which refers to it: reference cycles
+        per upstream connection, left for the garbage collector. Once the connection is
+        over (lost, or never made), they are let go.
+        """
+        if self.state == "disconnected":
+            self.transport = None
+            wrapping: Any = self.factory
+            if isinstance(wrapping, _WrappingFactory):
+                wrapping._connector = None
+
     @override
     def _makeTransport(self) -> _EagerClient:
         # Twisted's tcp.Client.__init__ is unannotated.
