@@ -177,7 +177,7 @@ class ChunkedDecoderTests(SynchronousTestCase):
     def test_backslash_in_extension(self) -> None:
         """
         A quoted-pair in a chunk extension is accepted (RFC 9112), unlike Twisted, whose
-        extension characters leave out the backslash: the one deliberate difference.
+        extension characters leave out the backslash: one of two deliberate differences.
         """
         body = b'1;a="x\\"y"\r\nz\r\n0\r\n\r\n'
         decoder, data, finished = _decoder()
@@ -186,6 +186,23 @@ class ChunkedDecoderTests(SynchronousTestCase):
         twisted = _ChunkedTransferDecoder(lambda d: None, lambda e: None)
         with self.assertRaises(_MalformedChunkedDataError):
             twisted.dataReceived(body)
+
+    def test_whitespace_before_extension(self) -> None:
+        """
+        Whitespace between a size and its extension's ";" is accepted (BWS, RFC 9112),
+        unlike Twisted; whitespace after a bare size is not (test_bad_size_rejected).
+        """
+        body = b"1 ;a=b\r\nz\r\n2\t \t; q\r\nok\r\n0 ;end\r\n\r\n"
+        decoder, data, finished = _decoder()
+        decoder.dataReceived(body)
+        self.assertEqual((b"".join(data), finished), (b"zok", [b""]))
+        twisted = _ChunkedTransferDecoder(lambda d: None, lambda e: None)
+        with self.assertRaises(_MalformedChunkedDataError):
+            twisted.dataReceived(body)
+        for line in (b" ;a", b"\t;a", b"1 ", b"1 \t"):  # no size, or no extension
+            decoder, _, _ = _decoder()
+            with self.assertRaises(MalformedChunkedData, msg=line):
+                decoder.dataReceived(line + b"\r\nx\r\n")
 
     def test_size_line_limit(self) -> None:
         """A chunk-size line of 1,024 bytes or more is rejected, whole or in pieces."""

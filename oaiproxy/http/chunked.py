@@ -9,8 +9,9 @@ this loop does the same checks with C{bytes.find} and C{bytes.translate}, and ta
 plain chunks (what SSE events are) with one C{split} per read. Its limits are
 Twisted's (26.10.0): a chunk-size line under 1,024 bytes, 64 KiB of trailers (counted and
 discarded, never buffered), hex digits only in a chunk size, no control characters in chunk
-extensions. One difference, on purpose: a backslash in an extension is accepted (RFC 9112
-allows it in a quoted string), where Twisted's list of extension characters leaves it out.
+extensions. Two differences, on purpose, where RFC 9112 (section 7.1.1) allows what Twisted
+refuses: a backslash in an extension (a quoted-pair), which Twisted's list of extension
+characters leaves out; and whitespace between a chunk size and its extension's C{;}.
 
 It is plugged into Twisted's C{HTTPClientParser} (see L{oaiproxy.http.forwarder}), so it
 keeps that parser's decoder interface: C{dataReceived}, C{noMoreData} raising Twisted's
@@ -124,7 +125,11 @@ class ChunkedDecoder:
                         return
                     if eol - pos >= MAX_SIZE_LINE:
                         raise MalformedChunkedData("chunk-size line too long")
-                    size, _, ext = data[pos:eol].partition(b";")
+                    size, semicolon, ext = data[pos:eol].partition(b";")
+                    if semicolon:
+                        # Whitespace may come before an extension's ";" (BWS, RFC 9112
+                        # section 7.1.1), not after a bare size.
+                        size = size.rstrip(b" \t")
                     if not size or size.translate(None, _HEX_DIGITS):
                         raise MalformedChunkedData("chunk size is not a hexadecimal number")
                     if ext and ext.translate(None, _EXT_OK):
