@@ -187,6 +187,32 @@ class ChunkedDecoderTests(SynchronousTestCase):
         with self.assertRaises(_MalformedChunkedDataError):
             twisted.dataReceived(body)
 
+    def test_one_chunk_per_read(self) -> None:
+        """
+        Reads of exactly one chunk each (a stream's events, mostly), data with a CRLF in it
+        included, are delivered one by one; the last chunk ends the body.
+        """
+        decoder, data, finished = _decoder()
+        for read in (b"5\r\nhello\r\n", b"4\r\na\r\nb\r\n", b"A\r\n0123456789\r\n"):
+            decoder.dataReceived(read)
+        self.assertEqual(data, [b"hello", b"a\r\nb", b"0123456789"])
+        decoder.dataReceived(b"0\r\n\r\n")
+        self.assertEqual(finished, [b""])
+
+    def test_one_chunk_read_checked(self) -> None:
+        """A read shaped like one chunk but framed wrong is refused, as any other."""
+        for read in (
+            b"5\r\nhelloXX",  # no CRLF after the data
+            b"5\r\nhell\r\n",  # shorter than its size
+            b"5\r\nhello!\r\n",  # longer
+            b"x5\r\nhello\r\n",  # not hex
+            b" 5\r\nhello\r\n",
+        ):
+            decoder, _, _ = _decoder()
+            with self.assertRaises(MalformedChunkedData, msg=read):
+                decoder.dataReceived(read)
+                decoder.dataReceived(b"\r\n0\r\n\r\n")
+
     def test_whitespace_before_extension(self) -> None:
         """
         Whitespace between a size and its extension's ";" is accepted (BWS, RFC 9112),
