@@ -7,7 +7,9 @@ import socket
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python import log as legacy_log
@@ -39,6 +41,24 @@ class _Reader:
 
     def logPrefix(self) -> str:
         return "reader"
+
+
+class _Scripted(_Reader):
+    """A reader whose doRead, after reading, returns or raises what it is told to."""
+
+    def __init__(self, sock: socket.socket, outcome: object) -> None:
+        super().__init__(sock)
+        self.outcome = outcome
+        self.lost: list[type[BaseException]] = []
+
+    def doRead(self) -> Any:
+        super().doRead()
+        if isinstance(self.outcome, RuntimeError):
+            raise self.outcome
+        return self.outcome
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.append(type(reason.value))
 
 
 class QuietDispatchTests(SynchronousTestCase):
@@ -123,6 +143,49 @@ class QuietDispatchTests(SynchronousTestCase):
         self.assertTrue(failures[0].check(RuntimeError))
         self.flushLoggedErrors(RuntimeError)
 
+    def test_plain_reads_handled_inline(self) -> None:
+        """A socket that is only readable is read without Twisted's _doReadOrWrite."""
+        install_quiet_dispatch(self.reactor)
+        reader, theirs = self.pair()
+
+        def refuse(*args: object) -> None:
+            raise AssertionError("_doReadOrWrite was called")
+
+        self.reactor._doReadOrWrite = refuse
+        theirs.send(b"ping")
+        self.reactor.doIteration(1.0)
+        self.assertEqual(reader.read, [b"ping"])
+
+    def test_read_outcomes_as_twisted(self) -> None:
+        """
+        What a read handler returns or raises ends its connection as Twisted's loop ends it:
+        the same connectionLost, the reader removed; an exception logged.
+        """
+        seen: dict[str, list[list[object]]] = {}
+        for tuned in (False, True):
+            reactor: Any = EPollReactor()
+            self.addCleanup(reactor._poller.close)
+            if tuned:
+                install_quiet_dispatch(reactor)
+            outcomes: list[list[object]] = []
+            for outcome in (None, CONNECTION_DONE, CONNECTION_LOST, RuntimeError("broken")):
+                ours, theirs = socket.socketpair()
+                self.addCleanup(ours.close)
+                self.addCleanup(theirs.close)
+                reader = _Scripted(ours, outcome)
+                reactor.addReader(reader)
+                theirs.send(b"x")
+                reactor.doIteration(1.0)
+                outcomes.append([*reader.lost, reader in reactor.getReaders()])
+                reactor.removeReader(reader)
+            self.flushLoggedErrors(RuntimeError)
+            seen["tuned" if tuned else "stock"] = outcomes
+        self.assertEqual(seen["tuned"], seen["stock"])
+        self.assertEqual(
+            seen["stock"],
+            [[True], [ConnectionDone, False], [ConnectionLost, False], [RuntimeError, False]],
+        )
+
     def test_error_out_of_the_handler_logged(self) -> None:
         """What escapes Twisted's own handler is logged here, and the next event still runs."""
         install_quiet_dispatch(self.reactor)
@@ -139,8 +202,11 @@ class QuietDispatchTests(SynchronousTestCase):
 
         self.reactor._doReadOrWrite = broken
         events = self.observe()
+        # Readable and hung up: events that go through _doReadOrWrite.
         theirs_first.send(b"a")
+        theirs_first.close()
         theirs_second.send(b"b")
+        theirs_second.close()
         self.reactor.doIteration(1.0)
         self.assertEqual(len(seen), 2)
         failures = [e["log_failure"] for e in events if "log_failure" in e]
