@@ -76,7 +76,7 @@ config = ProxyConfig(
         gc_threshold=10_000,  # net new objects between young garbage collections (Python's
         #   default is 700); None leaves the interpreter's setting
         gc_freeze=True,  # once running, hide what start-up built from the collector: no full
-        #   collection rescans it (they stopped the proxy for 40-70 ms during bursts)
+        #   collection rescans it (they stopped the proxy for 47-63 ms during bursts)
     ),
 )
 

@@ -289,7 +289,10 @@ class Runtime:
 
     def __post_init__(self) -> None:
         if self.gc_threshold is not None and self.gc_threshold < 100:
-            raise ConfigError("gc_threshold must be at least 100, or None")
+            raise ConfigError(
+                "gc_threshold (--gc-threshold) must be at least 100; None (0 on the command "
+                "line) leaves Python's setting"
+            )
 
 
 @dataclass(frozen=True)

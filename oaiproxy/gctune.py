@@ -2,9 +2,9 @@
 Python's garbage collector set for a proxy's heap, by the entry points.
 
 A request's objects (its request, exchange, relay, the upstream connection's response) are
-freed by reference counting when the request ends: the proxy's normal paths leave no
-reference cycles (C{tests/test_cycles.py} holds them to it). The cyclic collector then only
-finds garbage on rarer paths (an upstream connection closed, a failure with its traceback),
+freed by reference counting when the request ends: the proxy's own objects are left in no
+reference cycle on the paths C{tests/test_cycles.py} covers. The cyclic collector then
+mostly finds garbage on rarer paths (a failure with its traceback, Twisted's own objects),
 yet with Python's defaults it runs often and long under load:
 
 - A young collection every 700 net new objects. A burst of streams keeps tens of thousands of
@@ -12,7 +12,8 @@ yet with Python's defaults it runs often and long under load:
   alive and gets promoted; the middle generation then runs every ten of them.
 - A full collection when enough has been promoted, and a full collection scans the whole
   heap, start-up included: Twisted, h2, OpenSSL's bindings, the modules (about 56,000
-  objects). It stopped the proxy for 38-73 ms during bursts of 200 streams (C{bench/FINDINGS.md}).
+  objects). It stopped the proxy for 47-63 ms during bursts of 200 streams
+  (C{bench/gcpauses.py}; C{bench/FINDINGS.md}, "The garbage collector").
 
 So the entry points (C{proxy.tac} and the plugin) call L{tune_collector}: the young threshold
 is raised (10,000 by default: a burst's live objects mostly die before a collection sees
@@ -24,8 +25,8 @@ points only, and each can be turned off in the configuration (L{oaiproxy.config.
 from __future__ import annotations
 
 import gc
-from typing import Any
 
+from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
 __all__ = ["freeze_startup", "tune_collector"]
@@ -33,7 +34,7 @@ __all__ = ["freeze_startup", "tune_collector"]
 log = Logger()
 
 
-def tune_collector(reactor: Any, *, threshold: int | None, freeze: bool) -> None:
+def tune_collector(reactor: IReactorCore, *, threshold: int | None, freeze: bool) -> None:
     """
     Set the collector's young threshold to C{threshold} (C{None}: leave it as it is; the
     older generations' thresholds are kept), and, if C{freeze}, call L{freeze_startup} once

@@ -29,11 +29,11 @@ from oaiproxy.tls import ensure_self_signed, server_context_factory
 from tests.support.servers import (
     ProxyServer,
     connect_h2,
+    raw_exchange,
     refused_port,
     start_mock,
     wait_for,
 )
-from tests.test_integration import _raw_exchange
 
 reactor: Any = _global_reactor
 
@@ -154,7 +154,7 @@ class NoCyclesTests(TestCase):
 
         async def exchange() -> None:
             for body in (_CHAT, _STREAM):
-                answer = await _raw_exchange(self.proxy.http_port, _request(body, close=True))
+                answer = await raw_exchange(self.proxy.http_port, _request(body, close=True))
                 self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
 
         self.assertEqual(await self.unreachable_after(exchange), Counter())
@@ -164,7 +164,7 @@ class NoCyclesTests(TestCase):
         pipelined = _request(_CHAT, close=False) + _request(_STREAM, close=False)
 
         async def exchange() -> None:
-            answer = await _raw_exchange(
+            answer = await raw_exchange(
                 self.proxy.http_port, pipelined + _request(_CHAT, close=True)
             )
             self.assertEqual(answer.count(b"HTTP/1.1 200 "), 3, answer[:200])
@@ -193,7 +193,7 @@ class NoCyclesTests(TestCase):
                 b"GET /nowhere HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n",
                 b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n",  # no Host: 400
             ):
-                answer = await _raw_exchange(self.proxy.http_port, request)
+                answer = await raw_exchange(self.proxy.http_port, request)
                 self.assertRegex(answer[:12], rb"HTTP/1.1 [45]\d\d", answer[:200])
 
         self.assertEqual(await self.unreachable_after(exchange), Counter())
@@ -214,7 +214,7 @@ class NoCyclesTests(TestCase):
                 (_STREAM, b"disconnect-after=1", b"200"),
             ):
                 extra = b"x-mock-fault: %s\r\n" % fault if fault else b""
-                answer = await _raw_exchange(
+                answer = await raw_exchange(
                     proxy.http_port, _request(body, close=True, extra=extra)
                 )
                 self.assertTrue(answer.startswith(b"HTTP/1.1 %s " % status), answer[:200])

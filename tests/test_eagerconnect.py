@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from errno import EALREADY, ECONNREFUSED
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.error import CannotListenError, ConnectionRefusedError
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectingCancelledError,
+    ConnectionRefusedError,
+    NotConnectingError,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
@@ -196,6 +202,45 @@ class EagerConnectTests(TestCase):
         self.assertEqual(built, [protocol])
         self.assertGreaterEqual(_HandshakeUnderWay.calls, 3)  # Twisted connected it again
         await wait_for(lambda: bool(servers) and servers[0].data == b"hello", "the greeting")
+
+    async def test_cancel_after_set_up_raised_on_twisteds_path(self) -> None:
+        """
+        On Twisted's own path (a handshake done on the socket's writable event), a protocol
+        whose connectionMade raises has its connection lost and leaves the Deferred waiting,
+        as Twisted's endpoint does; cancelling the Deferred still fails it (the endpoint's
+        factory keeps its connector for that, reference cycle or not).
+        """
+        port, _ = self.listen()
+        _HandshakeUnderWay.calls = 0
+
+        class Slower(_HandshakeUnderWay):
+            """Still under way at Twisted's first connect too: done on the writable event."""
+
+            def connect_ex(self, address: Any) -> int:
+                if _HandshakeUnderWay.calls == 2:
+                    _HandshakeUnderWay.calls += 1
+                    return EALREADY
+                return super().connect_ex(address)
+
+        def create(client: Any) -> socket.socket:
+            s = Slower(client.addressFamily, client.socketType)
+            s.setblocking(False)
+            return s
+
+        self.patch(eagerconnect._EagerClient, "createInternetSocket", create)
+        built: list[_Broken] = []
+
+        def build() -> _Broken:
+            built.append(_Broken())
+            return built[-1]
+
+        d = EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(build))
+        await wait_for(lambda: bool(built) and built[0].lost is not None, "the lost connection")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertNoResult(d)
+        with contextlib.suppress(NotConnectingError):  # Twisted's canceller, after its errback
+            d.cancel()
+        self.failureResultOf(d, ConnectingCancelledError)
 
     def test_recording_reactor_gets_the_connect(self) -> None:
         """A reactor that only records connections (tests' fakes) is asked to connect."""

@@ -35,6 +35,7 @@ from tests.support.servers import (
     ProxyServer,
     StreamWasReset,
     connect_h2,
+    raw_exchange,
     refused_port,
     sse_events,
     start_mock,
@@ -159,20 +160,6 @@ def _assert_raw_openai_error(test: TestCase, raw: bytes, status: int, code: str)
     test.assertEqual(set(error), _ERROR_KEYS)
     test.assertEqual(error["code"], code)
     return head
-
-
-async def _raw_exchange(port: int, data: bytes) -> bytes:
-    """Send C{data} on a new socket to the proxy, and read until the proxy closes it."""
-
-    def call() -> bytes:
-        with socket.create_connection(("127.0.0.1", port), 30) as sock:
-            sock.sendall(data)
-            parts = [sock.recv(65536)]
-            while parts[-1]:
-                parts.append(sock.recv(65536))
-            return b"".join(parts)
-
-    return await _in_thread(call)
 
 
 class OpenAISDKTests(TestCase):
@@ -882,7 +869,7 @@ class LocalAnswerTests(TestCase):
         """
         proxy = start_proxy(self, [self.mock.upstream()])
 
-        raw = await _raw_exchange(
+        raw = await raw_exchange(
             proxy.http_port,
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
             b"Content-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
@@ -980,7 +967,7 @@ class BodyCapTests(TestCase):
         """A Content-Length over the cap is answered 413 (and closed) before any body is sent."""
 
         # Read to the end: the proxy answers without waiting for a body, and closes.
-        raw = await _raw_exchange(
+        raw = await raw_exchange(
             self.proxy.http_port,
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
             b"Content-Type: application/json\r\nContent-Length: 2000\r\n\r\n",

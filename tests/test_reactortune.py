@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IHalfCloseableDescriptor, IReadDescriptor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
@@ -49,7 +49,7 @@ class _Scripted(_Reader):
     def __init__(self, sock: socket.socket, outcome: object) -> None:
         super().__init__(sock)
         self.outcome = outcome
-        self.lost: list[type[BaseException]] = []
+        self.lost: list[object] = []
 
     def doRead(self) -> Any:
         super().doRead()
@@ -61,12 +61,29 @@ class _Scripted(_Reader):
         self.lost.append(type(reason.value))
 
 
+@implementer(IHalfCloseableDescriptor)
+class _HalfCloseable(_Scripted):
+    """A scripted reader that can have its read side closed alone."""
+
+    def readConnectionLost(self, reason: Any) -> None:
+        self.lost.append(("read half", type(reason.value)))
+
+    def writeConnectionLost(self, reason: Any) -> None:
+        """Not used."""
+
+
 class QuietDispatchTests(SynchronousTestCase):
     """Socket events reach their handlers without log.callWithLogger."""
 
     def setUp(self) -> None:
-        self.reactor: Any = EPollReactor()
-        self.addCleanup(self.reactor._poller.close)
+        self.reactor: Any = self.new_reactor()
+
+    def new_reactor(self) -> Any:
+        """An epoll reactor (never run), closed when the test ends: its poller, its waker."""
+        reactor: Any = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.addCleanup(reactor.waker.connectionLost, None)
+        return reactor
 
     def observe(self) -> EventLoggingObserver:
         """Log events from here to the end of the test."""
@@ -163,27 +180,35 @@ class QuietDispatchTests(SynchronousTestCase):
         """
         seen: dict[str, list[list[object]]] = {}
         for tuned in (False, True):
-            reactor: Any = EPollReactor()
-            self.addCleanup(reactor._poller.close)
+            reactor = self.new_reactor()
             if tuned:
                 install_quiet_dispatch(reactor)
             outcomes: list[list[object]] = []
-            for outcome in (None, CONNECTION_DONE, CONNECTION_LOST, RuntimeError("broken")):
-                ours, theirs = socket.socketpair()
-                self.addCleanup(ours.close)
-                self.addCleanup(theirs.close)
-                reader = _Scripted(ours, outcome)
-                reactor.addReader(reader)
-                theirs.send(b"x")
-                reactor.doIteration(1.0)
-                outcomes.append([*reader.lost, reader in reactor.getReaders()])
-                reactor.removeReader(reader)
+            for kind in (_Scripted, _HalfCloseable):
+                for outcome in (None, CONNECTION_DONE, CONNECTION_LOST, RuntimeError("broken")):
+                    ours, theirs = socket.socketpair()
+                    self.addCleanup(ours.close)
+                    self.addCleanup(theirs.close)
+                    reader = kind(ours, outcome)
+                    reactor.addReader(reader)
+                    theirs.send(b"x")
+                    reactor.doIteration(1.0)
+                    outcomes.append([*reader.lost, reader in reactor.getReaders()])
+                    reactor.removeReader(reader)
             self.flushLoggedErrors(RuntimeError)
             seen["tuned" if tuned else "stock"] = outcomes
         self.assertEqual(seen["tuned"], seen["stock"])
+        ended = [[ConnectionDone, False], [ConnectionLost, False], [RuntimeError, False]]
         self.assertEqual(
             seen["stock"],
-            [[True], [ConnectionDone, False], [ConnectionLost, False], [RuntimeError, False]],
+            [
+                [True],
+                *ended,
+                [True],
+                # A half-closeable reader's clean end of input is only a read half-close.
+                [("read half", ConnectionDone), False],
+                *ended[1:],
+            ],
         )
 
     def test_error_out_of_the_handler_logged(self) -> None:

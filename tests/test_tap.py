@@ -124,7 +124,10 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(seen, [4.0, 60.0])
 
     def test_quiet_dispatch_installed(self) -> None:
-        """makeService installs the epoll loop without the legacy log context."""
+        """
+        makeService installs the epoll loop without the legacy log context, and sets the
+        garbage collector from the config's runtime settings.
+        """
         import oaiproxy.tap
 
         installed: list[object] = []

@@ -130,12 +130,14 @@ class _EagerConnector(tcp.Connector):
         Twisted keeps a lost connection's transport, which refers back to its connector, and
         the endpoint's factory refers to the connector, which refers to it: reference cycles
         per upstream connection, left for the garbage collector. Once the connection is
-        over (lost, or never made), they are let go.
+        over (lost, or never made), they are let go; the factory keeps its connector while
+        its Deferred has not fired (a protocol whose set-up raised, on Twisted's path), since
+        cancelling that Deferred asks the connector for its destination.
         """
         if self.state == "disconnected":
             self.transport = None
             wrapping: Any = self.factory
-            if isinstance(wrapping, _WrappingFactory):
+            if isinstance(wrapping, _WrappingFactory) and wrapping._onConnection.called:
                 wrapping._connector = None
 
     @override

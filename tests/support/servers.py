@@ -35,6 +35,7 @@ from twisted.internet.interfaces import IListeningPort, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
@@ -69,6 +70,7 @@ __all__ = [
     "StreamWasReset",
     "connect_h2",
     "dechunk",
+    "raw_exchange",
     "reactor",
     "record_relays",
     "refused_port",
@@ -504,6 +506,23 @@ def wait_for(condition: Callable[[], bool], what: str, *, turns: int = 200_000) 
 
 
 # -- raw clients -------------------------------------------------------------------------------
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """
+    Send C{data} on a new socket to 127.0.0.1:C{port}, and read until the server closes it
+    (a blocking client, run off the reactor thread).
+    """
+
+    def call() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), 30) as sock:
+            sock.sendall(data)
+            parts = [sock.recv(65536)]
+            while parts[-1]:
+                parts.append(sock.recv(65536))
+            return b"".join(parts)
+
+    return await deferToThread(call)
 
 
 @dataclass
