@@ -15,7 +15,7 @@ from twisted.web.http_headers import Headers
 
 from oaiproxy.config import Limits
 from oaiproxy.http.h1 import ProxyHTTPChannel
-from tests.support.fakes import ProxyHarness, make_harness, parse_response, post
+from tests.support.fakes import FakeResponse, ProxyHarness, make_harness, parse_response, post
 
 _BODY = b'{"model":"m","messages":[]}'
 
@@ -130,6 +130,40 @@ class RefusalTests(SynchronousTestCase):
                 self.assertEqual((status, headers.get(b"connection")), (200, [b"close"]))
                 self.assertTrue(transport.disconnecting)
                 self.assertEqual(harness.sent(), [])
+
+    def test_http10_answered_as_http11_then_closed(self) -> None:
+        """
+        An HTTP/1.0 request gets an HTTP/1.1 status line (RFC 9110 section 6.2), with
+        C{Connection: close}, no chunked coding, and the connection closed after it.
+        """
+        harness = make_harness()
+        _, transport = harness.send(b"GET /healthz HTTP/1.0\r\n\r\n")
+        raw = transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw[:100])
+        status, headers, body = parse_response(raw)
+        self.assertEqual((status, headers[b"connection"]), (200, [b"close"]))
+        self.assertNotIn(b"transfer-encoding", headers)
+        self.assertEqual(json.loads(body), {"status": "ok"})
+        self.assertTrue(transport.disconnecting)
+
+    def test_http10_stream_read_to_the_close(self) -> None:
+        """A body of unknown length to an HTTP/1.0 client is not chunked: it ends at the close."""
+        harness = make_harness()
+        _, transport = harness.send(
+            b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+        )
+        [sent] = harness.sent()
+        response = FakeResponse(200, {b"content-type": [b"text/event-stream"]})
+        sent.deferred.callback(response)
+        response.deliver(b"data: 1\n\n")
+        response.end()
+        raw = transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw[:100])
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nConnection: close", head)
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.assertEqual(body, b"data: 1\n\n")
 
     def test_keep_alive_options_keep_the_connection(self) -> None:
         """Connection options without close keep an HTTP/1.1 connection open."""

@@ -235,8 +235,14 @@ class ProxyHTTPChannel(HTTPChannel):
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         """
         Twisted's, writing the response head as one string: its C{writeSequence} of four
-        pieces per header field cost a type check and a list append for each piece.
+        pieces per header field cost a type check and a list append for each piece. The
+        status line says C{HTTP/1.1} whatever the request's version (Twisted echoes it): RFC
+        9110 section 6.2 asks a server for the highest version it conforms to with the
+        request's major version, as nginx answers, and as this channel's own refusals did.
+        An HTTP/1.0 client still gets what it can read: no chunked coding, and
+        C{Connection: close} (L{checkPersistence}).
         """
+        version = b"HTTP/1.1"
         if not isinstance(headers, Headers) or self.transport is None:
             super().writeHeaders(version, code, reason, headers)
             return
@@ -295,7 +301,10 @@ class ProxyHTTPChannel(HTTPChannel):
         spaces only: C{close, te} or a second C{Connection: close} kept the connection).
         """
         if version != b"HTTP/1.1":
-            return False  # as Twisted: HTTP/1.0 answers may need the close to end them
+            # As Twisted: HTTP/1.0 answers may need the close to end them. Said in the answer,
+            # whose status line says HTTP/1.1 (writeHeaders).
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
         for value in request.requestHeaders.getRawHeaders(b"connection", ()):
             if any(option.strip().lower() == b"close" for option in value.split(b",")):
                 request.responseHeaders.setRawHeaders(b"connection", [b"close"])
