@@ -199,6 +199,25 @@ class ChunkedDecoderTests(SynchronousTestCase):
         decoder.dataReceived(b"0\r\n\r\n")
         self.assertEqual(finished, [b""])
 
+    def test_chunk_callback(self) -> None:
+        """
+        With a chunk callback, a read of exactly one chunk is handed over as it came, with
+        where its data lies; any other read still goes to the data callback.
+        """
+        decoder, data, finished = _decoder()
+        chunks: list[tuple[bytes, int, int]] = []
+        decoder.chunkCallback = lambda read, start, end: chunks.append((read, start, end))
+        decoder.dataReceived(b"5\r\nhello\r\n")
+        decoder.dataReceived(b"1A\r\n" + b"z" * 26 + b"\r\n")
+        decoder.dataReceived(b"2\r\nok\r\n1\r\n!\r\n")  # two chunks in one read
+        decoder.dataReceived(b"3\r\nab")  # part of one
+        decoder.dataReceived(b"c\r\n0\r\n\r\n")
+        self.assertEqual(
+            chunks, [(b"5\r\nhello\r\n", 3, 8), (b"1A\r\n" + b"z" * 26 + b"\r\n", 4, 30)]
+        )
+        self.assertEqual((data, finished), ([b"ok!", b"ab", b"c"], [b""]))
+        self.assertIsNone(decoder.chunkCallback)  # let go of at the end, as the others
+
     def test_one_chunk_read_checked(self) -> None:
         """A read shaped like one chunk but framed wrong is refused, as any other."""
         for read in (

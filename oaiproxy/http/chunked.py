@@ -55,7 +55,13 @@ class ChunkedDecoder:
         one C{dataReceived} call, joined; never with empty bytes.
     @param finishCallback: called once, after the last data, with the bytes that followed
         the end of the body.
+    @ivar chunkCallback: when set, called instead of C{dataCallback} for a read that holds
+        exactly one whole chunk of data, checked (bare hex size, its CRLF): with the read as
+        it came and where the chunk's data starts and ends in it, so that a reader that frames
+        its output in chunks too can pass the chunk on as it is.
     """
+
+    chunkCallback: Callable[[bytes, int, int], None] | None = None
 
     def __init__(
         self, dataCallback: Callable[[bytes], None], finishCallback: Callable[[bytes], None]
@@ -89,7 +95,10 @@ class ChunkedDecoder:
                     and len(data) == eol + 4 + int(size, 16)
                     and eol + 4 < len(data)  # not the last chunk (size 0)
                 ):
-                    self.dataCallback(data[eol + 2 : -2])
+                    if self.chunkCallback is not None:
+                        self.chunkCallback(data, eol + 2, len(data) - 2)
+                    else:
+                        self.dataCallback(data[eol + 2 : -2])
                     return
         if self._state == _DONE:
             raise RuntimeError("chunked body data after its last chunk")
@@ -108,6 +117,7 @@ class ChunkedDecoder:
             # The callbacks are methods of the parser that holds this decoder: let go of them
             # (as Twisted's decoders do), so that neither waits for a full garbage collection.
             self.dataCallback = self.finishCallback = _discard
+            self.chunkCallback = None
             finish(extra)
 
     def _decode(self, data: bytes, out: list[bytes]) -> None:

@@ -558,6 +558,8 @@ class _Connection(Protocol):
         """
         if self._decoder is not None:
             self._decoder.dataCallback = protocol.dataReceived
+            # A reader that can take a chunk as the upstream framed it (the relay).
+            self._decoder.chunkCallback = getattr(protocol, "chunk_received", None)
         if not self._held:
             return
         self._held = False

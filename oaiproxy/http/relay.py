@@ -352,6 +352,34 @@ class Relay(Protocol):
         if self._send_now is not None:
             self._send_now()
 
+    def chunk_received(self, framed: bytes, start: int, end: int) -> None:
+        """
+        One whole chunk of the upstream's chunked body, as the upstream framed it (its data is
+        C{framed[start:end]}; the decoder checked the framing: a bare hex size, the data, its
+        CRLF). To a plain-TCP HTTP/1.1 client whose response is chunked too, once the head is
+        out, it is written as it came: chunked framing is hop by hop, and this one is already
+        what the client must get (the size's hex digits may be upper case). Anything else
+        goes through L{dataReceived}. Saves, per relayed event, the data's slice, its framing
+        again, and a call.
+        """
+        request: Any = self._request
+        if (
+            self._seen_first_byte
+            and self._write_now is not None
+            and self._on_end is not None
+            and request.startedWriting
+            and request.chunked
+            and not (request.finished or request._disconnected or "write" in vars(request))
+        ):
+            size = end - start
+            self.bytes_relayed += size
+            request.sentLength += size
+            self._write_now(framed)
+            if self._on_end is not None:
+                self._arm_idle()
+            return
+        self.dataReceived(framed[start:end])
+
     def _write_chunk(self, data: bytes) -> None:
         """
         C{Request.write} of a body chunk once the head has been written, framed as it frames
