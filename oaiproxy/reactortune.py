@@ -14,8 +14,8 @@ log lines (its "Unhandled Error" reports) say C{-} where they said the connectio
 An event that is only "readable" (most events: a socket with data) does not go through
 C{_doReadOrWrite} either: the loop does what that method does for it (the handler's C{doRead},
 an exception logged, a connection lost or ended handed to C{_disconnectSelectable} exactly
-as Twisted hands it), without the branches for other events and the call itself: 1.6% of
-the instructions per relayed event (C{bench/ab.py chunk-instructions}: 40,945 to 40,274).
+as Twisted hands it), without the branches for other events and the call itself: 4.3% of
+the instructions per relayed event (C{bench/ab.py chunk-instructions}: 40,933 to 39,192).
 Every other event goes through C{_doReadOrWrite}.
 
 Written against Twisted 26.10.0 (C{EPollReactor.doPoll}, its private C{_poller},
