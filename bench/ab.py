@@ -27,7 +27,10 @@ C{--protocol} as for C{latency}. Needs C{valgrind}.
 C{chunk-instructions}: the instructions oaiproxy executes per relayed streamed event, each
 arriving in a read of its own (the mock sends one every 20 ms, over plain HTTP/1.1): the
 difference between runs of 60 streams of 60 events and 60 streams of 10 events, divided by
-the 3,000 extra events. The per-stream cost cancels out.
+the 3,000 extra events. The per-stream cost cancels out. Run it alone on the machine: beside
+other load the proxy (slowed by valgrind) reads and polls in other batches, and the count
+moves by up to 3% either way (the same event path: 39,192 alone; 40,274 and 39,180 beside
+other runs).
 
 C{bursts}: measurement 5 of C{bench/run.py} (200 streams of 200 events 10 ms apart, all
 started at once) for two source trees, one burst to each in turn (and one direct to the mock
