@@ -86,6 +86,16 @@ def _nothing() -> None:
     """What the relay calls for its first byte once it has ended."""
 
 
+def _writable(request: Any) -> bool:
+    """
+    Whether body bytes may be written past Twisted's C{Request.write}: not when the request
+    is finished, or its client gone (Twisted's write would raise, or do nothing), or the
+    response has no body (HEAD, 204, 304: Twisted swaps in a write that drops). Twisted
+    26.10.0: C{finished} and C{_disconnected} are the request's attributes.
+    """
+    return not (request.finished or request._disconnected or "write" in vars(request))
+
+
 @implementer(IPushProducer)
 class Relay(Protocol):
     """
@@ -369,7 +379,7 @@ class Relay(Protocol):
             and self._on_end is not None
             and request.startedWriting
             and request.chunked
-            and not (request.finished or request._disconnected or "write" in vars(request))
+            and _writable(request)
         ):
             size = end - start
             self.bytes_relayed += size
@@ -389,9 +399,7 @@ class Relay(Protocol):
         C{_disconnected} are the request's (public but undocumented) attributes.
         """
         request: Any = self._request
-        if request.finished or request._disconnected or "write" in vars(request):
-            # Finished, or the client gone (Twisted's write would raise, or do nothing), or a
-            # response without a body (HEAD, 204, 304: Twisted swaps in a write that drops).
+        if not _writable(request):
             return
         request.sentLength += len(data)
         assert self._write_now is not None
