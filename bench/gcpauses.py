@@ -9,7 +9,8 @@ process times every collection (C{gc.callbacks}), warms the proxy up with 50 sho
 then runs C{--bursts} bursts of measurement 5 (200 streams of 200 events 10 ms apart, all
 started at once) and prints, for the bursts only: the collections of each generation, the
 time spent in them, the longest, and the bursts' time to first token and proxy CPU. The proxy
-keeps idle upstream connections for 50 s, so every burst after the first finds them warm.
+keeps idle upstream connections for 50 s (C{UPSTREAM_KEEPALIVE}, as the suite's), so every
+burst after the first finds them warm.
 
 Every process started here is stopped by its own PID.
 """
@@ -29,7 +30,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench.procs import REPO, Child, _spawn, cpu_seconds, free_port, start_mock, wait_for_port
+from bench.procs import (
+    REPO,
+    UPSTREAM_KEEPALIVE,
+    Child,
+    _spawn,
+    cpu_seconds,
+    free_port,
+    start_mock,
+    wait_for_port,
+)
 from bench.streams import run_streams
 
 #: Python run in the proxy's process before twistd: times each collection, writes what it saw
@@ -79,7 +89,8 @@ def measure(workdir: Path, name: str, options: list[str], bursts: int) -> None:
     argv = [sys.executable, "-c", _WRAPPER, "-n", "--pidfile=", "oaiproxy"]
     argv += ["--listen", f"tcp:{proxy_port}:interface=127.0.0.1:backlog=511"]
     argv += ["--upstream", f"http://127.0.0.1:{mock_port}/v1"]
-    argv += ["--state-dir", str(workdir / "state"), "--upstream-keepalive", "50", *options]
+    argv += ["--state-dir", str(workdir / "state")]
+    argv += ["--upstream-keepalive", str(UPSTREAM_KEEPALIVE), *options]
     proxy = _spawn("proxy", argv, workdir, env)
     try:
         wait_for_port(proxy_port, proc=proxy.proc)

@@ -16,26 +16,21 @@ import json
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from twisted.internet import reactor as _global_reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web._http2 import H2Stream
 
-from oaiproxy.config import ListenerConfig, PoolConfig, ProxyConfig, UpstreamConfig
-from oaiproxy.service import build_site
-from oaiproxy.tls import ensure_self_signed, server_context_factory
+from oaiproxy.config import UpstreamConfig
 from tests.support.servers import (
     ProxyServer,
     connect_h2,
     raw_exchange,
     refused_port,
     start_mock,
+    start_proxy,
     wait_for,
 )
-
-reactor: Any = _global_reactor
 
 _CHAT = json.dumps({"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]})
 _STREAM = json.dumps(
@@ -72,34 +67,10 @@ class NoCyclesTests(TestCase):
 
     def start_proxy(self, upstreams: list[UpstreamConfig]) -> ProxyServer:
         """
-        The proxy as C{start_proxy} builds it, without its connection tracker: the tracker
-        patches methods onto each connection's protocol and transport, and those closures
-        are reference cycles themselves. Client connections are closed by the time each test
-        ends; the cleanup waits for the proxy to see them closed.
+        The proxy, its client connections untracked (the tracker's closures are reference
+        cycles themselves); every test closes them before it ends.
         """
-        config = ProxyConfig(
-            listeners=(ListenerConfig("tcp", 0),),
-            pools=(PoolConfig(upstreams=tuple(upstreams)),),
-        )
-        site: Any = build_site(config, reactor, config.pools[0], {})
-        key_path, cert_path = ensure_self_signed(self.mktemp())
-        plain = reactor.listenTCP(0, site, interface="127.0.0.1")
-        secure = reactor.listenSSL(
-            0, site, server_context_factory(key_path, cert_path), interface="127.0.0.1"
-        )
-        self.addCleanup(site.resource.close)
-        self.addCleanup(
-            wait_for, lambda: site.connections.open == 0, "the client connections to close"
-        )
-        self.addCleanup(secure.stopListening)
-        self.addCleanup(plain.stopListening)
-        return ProxyServer(
-            http_port=plain.getHost().port,
-            tls_port=secure.getHost().port,
-            cert_path=cert_path,
-            site=site,
-            connections=None,  # type: ignore[arg-type]  # not tracked: see the docstring
-        )
+        return start_proxy(self, upstreams, track=False)
 
     async def unreachable_after(self, exchange: Callable[[], Awaitable[None]]) -> Counter[str]:
         """

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Callable
 from errno import EALREADY, ECONNREFUSED
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.error import (
@@ -71,17 +72,25 @@ class _HandshakeUnderWay(socket.socket):
         return super().connect_ex(address)
 
 
+_P = TypeVar("_P", bound=Protocol)
+
+
+def _keeping(kind: Callable[[], _P], built: list[_P]) -> Factory:
+    """A factory of C{kind} protocols that keeps each one it builds in C{built}."""
+
+    def build() -> _P:
+        built.append(kind())
+        return built[-1]
+
+    return Factory.forProtocol(build)
+
+
 class EagerConnectTests(TestCase):
     """When the kernel completes the handshake at once, the connection is made in the call."""
 
     def listen(self) -> tuple[int, list[_Server]]:
         servers: list[_Server] = []
-
-        def build() -> _Server:
-            servers.append(_Server())
-            return servers[-1]
-
-        port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+        port = reactor.listenTCP(0, _keeping(_Server, servers), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port.getHost().port, servers
 
@@ -102,13 +111,8 @@ class EagerConnectTests(TestCase):
     async def test_ipv6_connected_in_the_call(self) -> None:
         """Over IPv6 too; the peer's address is as Twisted gives it."""
         servers: list[_Server] = []
-
-        def build() -> _Server:
-            servers.append(_Server())
-            return servers[-1]
-
         try:
-            port = reactor.listenTCP(0, Factory.forProtocol(build), interface="::1")
+            port = reactor.listenTCP(0, _keeping(_Server, servers), interface="::1")
         except CannotListenError:
             raise SkipTest("no IPv6 loopback on this machine") from None
         self.addCleanup(port.stopListening)
@@ -156,10 +160,6 @@ class EagerConnectTests(TestCase):
         closed: list[bool] = []
         built: list[_Broken] = []
 
-        def build() -> _Broken:
-            built.append(_Broken())
-            return built[-1]
-
         server_lost = _Server.connectionLost
 
         def lost(server: _Server, reason: Failure) -> None:
@@ -167,12 +167,23 @@ class EagerConnectTests(TestCase):
             server_lost(server, reason)
 
         self.patch(_Server, "connectionLost", lost)
-        d = EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(build))
+        d = EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(_keeping(_Broken, built))
         self.failureResultOf(d, RuntimeError)
         [protocol] = built
         self.assertIsNotNone(protocol.lost)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         await wait_for(lambda: bool(servers) and closed == [True], "the close at the peer")
+
+    def handshakes_under_way(self, kind: type[_HandshakeUnderWay]) -> None:
+        """Connect through sockets of C{kind}, whose handshake is said to be under way."""
+        _HandshakeUnderWay.calls = 0
+
+        def create(client: Any) -> socket.socket:
+            s = kind(client.addressFamily, client.socketType)
+            s.setblocking(False)
+            return s
+
+        self.patch(eagerconnect._EagerClient, "createInternetSocket", create)
 
     async def test_handshake_under_way_left_to_the_reactor(self) -> None:
         """
@@ -180,21 +191,9 @@ class EagerConnectTests(TestCase):
         writable event): no result in the call, then the connection as usual, made once.
         """
         port, servers = self.listen()
-        _HandshakeUnderWay.calls = 0
-
-        def create(client: Any) -> socket.socket:
-            s = _HandshakeUnderWay(client.addressFamily, client.socketType)
-            s.setblocking(False)
-            return s
-
-        self.patch(eagerconnect._EagerClient, "createInternetSocket", create)
+        self.handshakes_under_way(_HandshakeUnderWay)
         built: list[_Greeter] = []
-
-        def build() -> _Greeter:
-            built.append(_Greeter())
-            return built[-1]
-
-        d = EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(build))
+        d = EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(_keeping(_Greeter, built))
         self.assertNoResult(d)
         self.assertEqual(built, [])
         protocol: Any = await d
@@ -211,7 +210,6 @@ class EagerConnectTests(TestCase):
         factory keeps its connector for that, reference cycle or not).
         """
         port, _ = self.listen()
-        _HandshakeUnderWay.calls = 0
 
         class Slower(_HandshakeUnderWay):
             """Still under way at Twisted's first connect too: done on the writable event."""
@@ -222,19 +220,9 @@ class EagerConnectTests(TestCase):
                     return EALREADY
                 return super().connect_ex(address)
 
-        def create(client: Any) -> socket.socket:
-            s = Slower(client.addressFamily, client.socketType)
-            s.setblocking(False)
-            return s
-
-        self.patch(eagerconnect._EagerClient, "createInternetSocket", create)
+        self.handshakes_under_way(Slower)
         built: list[_Broken] = []
-
-        def build() -> _Broken:
-            built.append(_Broken())
-            return built[-1]
-
-        d = EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(build))
+        d = EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(_keeping(_Broken, built))
         await wait_for(lambda: bool(built) and built[0].lost is not None, "the lost connection")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertNoResult(d)

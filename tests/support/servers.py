@@ -398,7 +398,14 @@ class ProxyServer:
     tls_port: int
     cert_path: str
     site: Site
-    connections: ConnectionTracker
+    tracker: ConnectionTracker | None
+
+    @property
+    def connections(self) -> ConnectionTracker:
+        """The tracker of its client connections (a proxy started with C{track=True})."""
+        if self.tracker is None:
+            raise AssertionError("this proxy's client connections are not tracked")
+        return self.tracker
 
     @property
     def http_url(self) -> str:
@@ -418,10 +425,16 @@ def start_proxy(
     limits: Limits | None = None,
     deadlines: Deadlines | None = None,
     environ: Mapping[str, str] | None = None,
+    track: bool = True,
 ) -> ProxyServer:
     """
     Build the proxy's site for C{upstreams} and listen on 127.0.0.1 twice: plain and TLS,
     with a fresh self-signed certificate whose path is returned for clients to trust.
+
+    @param track: watch the client connections (L{ConnectionTracker}), aborted when the test
+        ends. Untracked, the cleanup waits for the clients to have closed them: the tracker
+        patches closures onto each connection's protocol and transport, which are reference
+        cycles of their own (see C{tests/test_cycles.py}).
     """
     config = ProxyConfig(
         # build_site does not listen; the listener only satisfies validation.
@@ -430,8 +443,8 @@ def start_proxy(
         limits=limits or Limits(),
         deadlines=deadlines or Deadlines(),
     )
-    site = build_site(config, reactor, config.pools[0], environ or {})
-    tracker = ConnectionTracker(site)
+    site: Any = build_site(config, reactor, config.pools[0], environ or {})
+    tracker = ConnectionTracker(site) if track else None
     key_path, cert_path = ensure_self_signed(testcase.mktemp())
     plain = reactor.listenTCP(0, site, interface="127.0.0.1")
     secure = reactor.listenSSL(
@@ -440,7 +453,12 @@ def start_proxy(
 
     # Cleanups run last first: stop listening, close client connections, close the pool.
     testcase.addCleanup(site.resource.close)
-    testcase.addCleanup(_close_all, tracker)
+    if tracker is not None:
+        testcase.addCleanup(_close_all, tracker)
+    else:
+        testcase.addCleanup(
+            wait_for, lambda: site.connections.open == 0, "the client connections to close"
+        )
     testcase.addCleanup(secure.stopListening)
     testcase.addCleanup(plain.stopListening)
     return ProxyServer(
@@ -448,7 +466,7 @@ def start_proxy(
         tls_port=secure.getHost().port,
         cert_path=cert_path,
         site=site,
-        connections=tracker,
+        tracker=tracker,
     )
 
 
