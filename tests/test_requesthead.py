@@ -204,3 +204,31 @@ class ParseHeadTests(SynchronousTestCase):
         ]
         for _ in range(1500):
             self.assert_same([mutated(rng, rng.choice(base), alphabet)])
+
+    def test_request_line_as_twisted_reads_it(self) -> None:
+        """The request-line reader gives what Twisted's parser gives, and refuses what it does."""
+        from twisted.web.http import _parseRequestLine
+
+        rng = random.Random(11)
+        alphabet = b" \t\x00\x1f\x20\x21\x7e\x7f\xb0\xb1\xff/?%GHPT1."
+        lines = [
+            b"POST /v1/chat/completions HTTP/1.1",
+            b"GET /v1/models?limit=2 HTTP/1.0",
+            b"OPTIONS * HTTP/1.1",
+            b"PROPFIND /v1/x HTTP/1.1",
+            b"get /v1/models HTTP/1.1",
+        ]
+        refused = 0
+        for _ in range(4000):
+            line = (
+                mutated(rng, rng.choice(lines), alphabet)
+                if rng.random() < 0.8
+                else (rng.choice(lines))
+            )
+            try:
+                expected: Any = _parseRequestLine(line)
+            except ValueError:
+                expected = None
+                refused += 1
+            self.assertEqual(requesthead._request_line(line), expected, line)
+        self.assertGreater(refused, 500)
