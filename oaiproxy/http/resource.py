@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from typing_extensions import override
@@ -151,6 +151,34 @@ class ProxyRequest(server.Request):
             self.render(site.resource)  # type: ignore[no-untyped-call]
         except BaseException:
             self.processingFailed(Failure())  # type: ignore[no-untyped-call]
+
+    @override
+    def parseCookies(self) -> None:
+        """Nothing: the proxy passes C{Cookie} on as it came, and reads no cookie itself."""
+
+    @override
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        Twisted's, without what a proxy has no use for: the query string parsed into
+        C{args}, and a header look-up for a form body (never parsed: the site turns
+        C{parsePOSTFormSubmission} off).
+        """
+        content: Any = self.content
+        content.seek(0, 0)
+        self.args = {}
+        self.method, self.uri = command, path
+        self.clientproto = version
+        self.path = path.split(b"?", 1)[0]
+        self.process()
+
+    @override
+    def write(self, data: bytes) -> None:
+        """
+        Twisted's L{http.Request.write}. C{server.Request}'s own first looks for a default
+        C{Content-Type} to add (this request has none: C{defaultContentType} is C{None}) and
+        for an encoder (the resource has none): two header look-ups per response.
+        """
+        http.Request.write(self, data)
 
     @override
     def gotLength(self, length: int | None) -> None:
