@@ -10,6 +10,10 @@ None of them is a usable proxy. Each drops something oaiproxy must do:
   persistent connections, the request written as one string, a response read only by its
   C{Content-Length} (no chunked bodies, no validation, no deadlines, no failover). What
   Twisted's HTTP/1.1 server costs. Non-streaming requests only.
+- C{lean}: a minimal HTTP/1.1 server written on Twisted's C{Protocol} (a head read whole,
+  a body by its C{Content-Length}, one request at a time, no validation) and the same
+  minimal client. What HTTP/1.1 costs on Twisted without twisted.web's server: set beside
+  C{web}, what twisted.web's server and request cost. Non-streaming requests only.
 - C{agent}: a twisted.web C{Site} and Twisted's C{Agent} on a persistent pool, with the body
   relayed as it arrives (no header filtering, no validation, no deadlines, no failover, no
   backpressure). What Twisted's HTTP server and client cost together.
@@ -29,7 +33,7 @@ import select
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
@@ -176,6 +180,79 @@ class _WebResource(Resource):
 
             d.addCallback(connected)
         return server.NOT_DONE_YET
+
+
+# -- lean --------------------------------------------------------------------------------
+
+
+class _LeanServer(Protocol):
+    """
+    A minimal HTTP/1.1 server: a head read whole, a body by its Content-Length, one request
+    at a time; the response written with its Content-Length. No validation at all.
+    """
+
+    upstream_port = 0
+    idle: ClassVar[list[_LeanClient]] = []
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._busy = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if self._busy:
+            return
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        lines = self._buffer[:end].split(b"\r\n")
+        method, target, _ = lines[0].split(b" ", 2)
+        fields: list[bytes] = []
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            lower = name.lower()
+            if lower == b"content-length":
+                length = int(value)
+            elif lower not in _HOP:
+                fields.append(line)
+        if len(self._buffer) < end + 4 + length:
+            return
+        body = self._buffer[end + 4 : end + 4 + length]
+        self._buffer = self._buffer[end + 4 + length :]
+        self._busy = True
+        data = b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n%s\r\n\r\n%s" % (
+            method,
+            target,
+            len(body),
+            b"\r\n".join(fields),
+            body,
+        )
+        if self.idle:
+            self.idle.pop().send(data, self._done)
+        else:
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.upstream_port)
+            d = endpoint.connect(Factory.forProtocol(lambda: _LeanClient(self.idle)))
+
+            def connected(client: Any) -> None:
+                client.send(data, self._done)
+
+            d.addCallback(connected)
+
+    def _done(self, code: int, headers: list[tuple[bytes, bytes]], payload: bytes) -> None:
+        head = b"".join(
+            b"%s: %s\r\n" % (name, value)
+            for name, value in headers
+            if name not in _HOP and name not in (b"date", b"server")
+        )
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 %d OK\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (code, head, len(payload), payload)
+        )
+        self._busy = False
+        if self._buffer:
+            self.dataReceived(b"")
 
 
 # -- agent -------------------------------------------------------------------------------
@@ -441,6 +518,9 @@ def main(argv: list[str]) -> None:
     if mode == "raw":
         _RawDownstream.upstream_port = upstream
         factory = Factory.forProtocol(_RawDownstream)
+    elif mode == "lean":
+        _LeanServer.upstream_port = upstream
+        factory = Factory.forProtocol(_LeanServer)
     elif mode in ("web", "agent"):
         resource = _WebResource(upstream) if mode == "web" else _AgentResource(upstream)
         # As oaiproxy's site: request bodies are not parsed as forms.
@@ -449,7 +529,7 @@ def main(argv: list[str]) -> None:
         site.noisy = False
         factory = site
     else:
-        raise SystemExit(f"unknown floor mode {mode!r}: raw, web, agent or epoll")
+        raise SystemExit(f"unknown floor mode {mode!r}: raw, lean, web, agent or epoll")
     TCP4ServerEndpoint(reactor, listen, backlog=511, interface="127.0.0.1").listen(factory)
     reactor.run()
 

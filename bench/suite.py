@@ -182,6 +182,7 @@ class _Targets:
 FLOORS = {
     "floor-raw": "Twisted TCP byte relay",
     "floor-web": "twisted.web + minimal client",
+    "floor-lean": "minimal HTTP/1.1 server + minimal client on Twisted",
     "floor-agent": "twisted.web + Agent",
     "floor-epoll": "pure-Python epoll byte relay (no Twisted)",
 }
