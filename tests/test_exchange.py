@@ -613,7 +613,7 @@ class BackpressureTests(SynchronousTestCase):
     def test_stalled_client_cut_after_send_deadline(self) -> None:
         """A client that reads nothing for the send deadline: response cut, upstream stopped."""
         h = make_harness(deadlines=Deadlines(send=30.0))
-        _proto, transport, response = answered_stream(h)
+        proto, transport, response = answered_stream(h)
         response.deliver(b"data: 1\n\n")
         client_buffer_full(transport)
         h.clock.advance(29)
@@ -622,6 +622,8 @@ class BackpressureTests(SynchronousTestCase):
         h.clock.advance(2)
         self.assertTrue(response.socket.stopped)
         self.assertTrue(transport.disconnected)
+        # The connection's loss, which a real transport reports, ends its idle timer.
+        proto.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
     def test_slow_but_reading_client_not_cut(self) -> None:

@@ -14,7 +14,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 
 from oaiproxy.config import Limits
-from oaiproxy.http.h1 import ProxyHTTPChannel
+from oaiproxy.http.h1server import H1Channel
 from tests.support.fakes import FakeResponse, ProxyHarness, make_harness, parse_response, post
 
 _BODY = b'{"model":"m","messages":[]}'
@@ -477,7 +477,8 @@ class WriteHeadersTests(SynchronousTestCase):
             {b"content-type": [b"application/json"], b"x-a": [b"1", b"2"], b"x-empty": [b""]}
         )
         written = []
-        for channel in [ProxyHTTPChannel(MemoryReactorClock()), HTTPChannel()]:
+        channels: list[Any] = [H1Channel(MemoryReactorClock()), HTTPChannel()]
+        for channel in channels:
             transport = StringTransport()
             channel.makeConnection(transport)
             channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
@@ -488,7 +489,7 @@ class WriteHeadersTests(SynchronousTestCase):
 
     def test_pairs_still_sanitised(self) -> None:
         """The old list-of-pairs form still goes through Twisted's sanitising path."""
-        channel = ProxyHTTPChannel(MemoryReactorClock())
+        channel = H1Channel(MemoryReactorClock())
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", [(b"x-a", b"b\r\nInjected: 1")])

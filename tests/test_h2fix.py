@@ -31,6 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from oaiproxy.http.h1server import H1Channel
 from oaiproxy.http.h2fix import (
     DEFAULT_STREAM_HIGH_WATER,
     MAX_EMPTY_DATA_FRAMES,
@@ -767,7 +768,7 @@ class SwitchAndSiteTests(SynchronousTestCase):
         for negotiated in (None, b"http/1.1"):
             protocol, transport = self.connect(negotiated)
             protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
-            self.assertIsInstance(protocol._channel, http.HTTPChannel)
+            self.assertIsInstance(protocol._channel, H1Channel)
             self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
             self.assertTrue(transport.value().endswith(b"hello over HTTP/1.1"))
 
@@ -782,7 +783,7 @@ class SwitchAndSiteTests(SynchronousTestCase):
         protocol.dataReceived(b"more")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(transport.value(), b"")
-        self.assertIsInstance(protocol._channel, http.HTTPChannel)
+        self.assertIsInstance(protocol._channel, H1Channel)
         [event] = [e for e in events if e["log_level"] == LogLevel.error]
         self.assertEqual(event["protocol"], b"h2")
 

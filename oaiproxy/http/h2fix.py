@@ -85,7 +85,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import suppress
-from typing import Any, Final, cast
+from typing import Any, ClassVar, Final, cast
 
 import h2.connection
 import h2.errors
@@ -116,11 +116,11 @@ from oaiproxy.errors import (
 )
 from oaiproxy.http.capacity import ConnectionLimit, Refusal
 from oaiproxy.http.early import early_error_h2, request_id_for
-from oaiproxy.http.h1 import (
+from oaiproxy.http.h1server import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_HEADERS,
-    ProxyHTTPChannel,
+    H1Channel,
 )
 from oaiproxy.http.h2streams import RefusingH2Connection, StreamRejected
 from oaiproxy.http.headers import FORWARDED_ALLOW, for_log
@@ -1036,7 +1036,7 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
 
     def __init__(
         self,
-        channel: HTTPChannel,
+        channel: HTTPChannel | H1Channel,
         reactor: IReactorTime,
         stream_high_water: int = DEFAULT_STREAM_HIGH_WATER,
         send_timeout: float | None = None,
@@ -1114,7 +1114,7 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
     def _switch_to_h2(self) -> None:
         """Replace the HTTP/1.1 channel by a L{ProxyH2Connection}, as Twisted does."""
         channel = self._channel
-        assert isinstance(channel, HTTPChannel)
+        assert isinstance(channel, HTTPChannel | H1Channel)
         # The H2 connection registers itself as the transport's producer instead.
         network_producer = channel._networkProducer
         network_producer.unregisterProducer()
@@ -1141,13 +1141,19 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
 
 class ProxySite(Site):
     """
-    A L{Site} on an injected reactor, serving HTTP/1.1 and HTTP/2 with L{ProxyH2Connection}.
+    A L{Site} on an injected reactor, serving HTTP/1.1 with L{H1Channel} and HTTP/2 with
+    L{ProxyH2Connection}.
 
     Twisted's access log is off (the proxy logs each exchange itself), so no log file is
     opened and no log timestamp timer runs.
+
+    @cvar h1_channel: makes each connection's HTTP/1.1 channel, given the reactor and the
+        C{max_headers}, C{max_header_bytes} and C{header_timeout} keywords (tests put the
+        previous, Twisted-based channel here to compare the two).
     """
 
     noisy = False
+    h1_channel: ClassVar[Callable[..., HTTPChannel | H1Channel]] = H1Channel
 
     def __init__(
         self,
@@ -1170,10 +1176,10 @@ class ProxySite(Site):
             paused; see L{ProxyH2Connection}.
         @param idle_timeout: seconds without traffic before a connection is closed; an HTTP/2
             connection whose streams are all waiting on this server is kept.
-        @param max_headers: passed to each L{ProxyHTTPChannel} (HTTP/1.1) and
+        @param max_headers: passed to each L{H1Channel} (HTTP/1.1) and
             L{ProxyH2Connection}.
-        @param max_header_bytes: passed to each L{ProxyHTTPChannel} and L{ProxyH2Connection}.
-        @param header_timeout: passed to each L{ProxyHTTPChannel}.
+        @param max_header_bytes: passed to each L{H1Channel} and L{ProxyH2Connection}.
+        @param header_timeout: passed to each L{H1Channel}.
         @param max_connections: client connections held at once (see L{ConnectionLimit}).
         @param send_timeout: how long a finished HTTP/2 response may wait on a client that
             takes none of it (see L{ProxyH2Connection}); C{None}: no limit.
@@ -1202,12 +1208,12 @@ class ProxySite(Site):
     @override
     def buildProtocol(self, addr: IAddress | None) -> ProxyHTTPChannelSwitch | Refusal:  # type: ignore[override]
         """
-        A switch over a fresh L{HTTPChannel}, set up as Twisted's L{Site} does; or, with
+        A switch over a fresh L{H1Channel}, set up as Twisted's L{Site} does; or, with
         C{max_connections} open already, a L{Refusal}.
         """
         if not self.connections.admit():
             return Refusal(self.reactor, self.connections.limit)
-        channel = ProxyHTTPChannel(self.reactor, **self._h1_options)
+        channel = self.h1_channel(self.reactor, **self._h1_options)
         protocol = ProxyHTTPChannelSwitch(
             channel,
             self.reactor,

@@ -1,4 +1,8 @@
 """
+The test reference: how the proxy read client request heads on Twisted's HTTP/1.1 server
+channel before L{oaiproxy.http.h1server} (kept to compare the two, see
+C{tests/test_h1_reference.py}).
+
 A faster reading of client request heads for Twisted's HTTP/1.1 server channel.
 
 Twisted's L{HTTPChannel} is a C{LineReceiver}: it splits a request head line by line (copying
@@ -37,25 +41,17 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.protocols.basic import LineReceiver
-from twisted.web.http import _IdentityTransferDecoder, _parseRequestLine
+from twisted.web.http import _IdentityTransferDecoder
 from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import INonQueuedRequestFactory
+
+from oaiproxy.http.h1server import request_line
 
 __all__ = ["parse_head"]
 
 # The longest Content-Length taken here; longer ones go to the line-by-line path (and its
 # refusal).
 _MAX_LENGTH_DIGITS = 18
-
-# The request-target bytes Twisted's C{_parseRequestLine} accepts (33 to 176): deleting them
-# from a valid target leaves nothing.
-_TARGET_BYTES = bytes(range(33, 177))
-
-# Methods taken without checking each byte: tokens, all of them. Others go through Twisted's
-# parser.
-_KNOWN_METHODS = frozenset((b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS"))
-
-_VERSIONS = frozenset((b"HTTP/1.1", b"HTTP/1.0"))
 
 # NUL as an int: CPython 3.11 looks for a bytes needle in bytes (C{b"\\x00" in head}) only
 # after trying it as an int and clearing the TypeError, about ten times slower.
@@ -102,26 +98,6 @@ def _check(channel: Any, data: bytes) -> tuple[int, int, list[bytes]] | None:
     return end, size, lines
 
 
-def _request_line(line: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """
-    C{line}'s method, target and version, as Twisted's C{_parseRequestLine} would return them;
-    C{None} where it would refuse them. Its per-byte loop over the target (in Python, about
-    20 bytecode lines per request) is one C{translate} here, for the common methods.
-    """
-    parts = line.split(b" ")
-    if len(parts) != 3:
-        return None
-    method, target, version = parts
-    if method not in _KNOWN_METHODS:
-        try:
-            return _parseRequestLine(line)
-        except ValueError:
-            return None
-    if version not in _VERSIONS or not target or target.translate(None, _TARGET_BYTES):
-        return None
-    return method, target, version
-
-
 def parse_head(channel: Any, data: bytes) -> bool:
     """
     Feed C{data} to Twisted's C{HTTPChannel} C{channel} with a request head that arrived whole
@@ -132,7 +108,7 @@ def parse_head(channel: Any, data: bytes) -> bool:
     if checked is None:
         return False
     end, size, lines = checked
-    parsed = _request_line(lines[0])
+    parsed = request_line(lines[0])
     if parsed is None:
         return False
     method, target, version = parsed

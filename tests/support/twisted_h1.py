@@ -2,6 +2,9 @@
 # super() is unavoidable here.
 # mypy: disallow-untyped-calls=False
 """
+The test reference: the proxy's HTTP/1.1 channel before L{oaiproxy.http.h1server}, kept to
+compare the two (C{tests/test_h1_reference.py}). Not used by the proxy.
+
 The HTTP/1.1 server channel: Twisted's L{HTTPChannel} with a proxy's stricter request parsing
 and its refusals as OpenAI-shaped JSON.
 
@@ -41,9 +44,9 @@ from twisted.web.http_headers import Headers
 from typing_extensions import override
 
 from oaiproxy.errors import HeadersTooLarge, InvalidRequest, ProxyError, RequestTimeout
-from oaiproxy.http import requesthead
 from oaiproxy.http.chunked import ChunkedDecoder, MalformedChunkedData
 from oaiproxy.http.early import early_error_response, new_request_id
+from tests.support import twisted_head as requesthead
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
