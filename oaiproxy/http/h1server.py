@@ -196,6 +196,7 @@ class H1Channel(Protocol):
         self._idle_call: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
         self._host: Any = None
+        self._peer: Any = None
         self._secure: bool | None = None
 
     # -- the connection ------------------------------------------------------------------
@@ -220,8 +221,12 @@ class H1Channel(Protocol):
             self._arm_idle()
 
     def getPeer(self) -> Any:
-        assert self.transport is not None
-        return self.transport.getPeer()
+        """The client's address, asked of the transport once (Twisted's makes a new address
+        object each time, and each request asks)."""
+        if self._peer is None:
+            assert self.transport is not None
+            self._peer = self.transport.getPeer()
+        return self._peer
 
     def getHost(self) -> Any:
         """The local address, asked of the socket once (it cannot change)."""

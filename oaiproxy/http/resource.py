@@ -13,7 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
+from twisted.web.http import Request as _HTTPRequest
 from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from typing_extensions import override
@@ -174,11 +175,12 @@ class ProxyRequest(server.Request):
     @override
     def write(self, data: bytes) -> None:
         """
-        Twisted's L{http.Request.write}. C{server.Request}'s own first looks for a default
+        Twisted's C{http.Request.write}. C{server.Request}'s own first looks for a default
         C{Content-Type} to add (this request has none: C{defaultContentType} is C{None}) and
-        for an encoder (the resource has none): two header look-ups per response.
+        for an encoder (the resource has none): two header look-ups per response. (Named at
+        import: C{twisted.web.http} is a deprecation proxy, slow to look attributes up in.)
         """
-        http.Request.write(self, data)
+        _HTTPRequest.write(self, data)
 
     @override
     def gotLength(self, length: int | None) -> None:
