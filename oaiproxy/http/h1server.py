@@ -35,6 +35,7 @@ C{_PullToPush} for a non-streaming producer, and C{_nameEncoder} for header name
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from twisted.internet._producer_helpers import _PullToPush
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
@@ -110,6 +111,9 @@ def _field_error(line: bytes, version: bytes) -> ProxyError | None:
             return InvalidRequest("chunked transfer coding needs HTTP/1.1")
     return None
 
+
+# Whether each request factory seen takes no queued argument (INonQueuedRequestFactory).
+_NON_QUEUED: WeakKeyDictionary[Any, bool] = WeakKeyDictionary()
 
 # NUL as an int: CPython 3.11 looks for a bytes needle in bytes only after trying it as an
 # int and clearing the TypeError, about ten times slower.
@@ -428,10 +432,11 @@ class H1Channel(Protocol):
             return False
 
         factory = self.requestFactory
-        if INonQueuedRequestFactory.providedBy(factory):
-            request = factory(self)
-        else:
-            request = factory(self, 0)
+        non_queued = _NON_QUEUED.get(factory)
+        if non_queued is None:
+            # Asked once per factory: zope's providedBy of a class costs microseconds.
+            non_queued = _NON_QUEUED[factory] = INonQueuedRequestFactory.providedBy(factory)
+        request = factory(self) if non_queued else factory(self, 0)
         request.requestHeaders._rawHeaders = raw  # checked as Headers.addRawHeader would
         self._request = request
         self._command, self._path, self._version = method, target, version
