@@ -379,6 +379,29 @@ class SlowClientTests(SynchronousTestCase):
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_trickled_head_checked_per_line(self) -> None:
+        """
+        A head sent a byte at a time is checked when a line ends, not on every byte (which
+        rescanned all the head so far each time: quadratic in its size).
+        """
+        proto, _ = self.harness.connect()
+        channel: Any = proto._channel
+        checks: list[None] = []
+        real = channel._check_partial_head
+
+        def counting(buffer: bytes) -> None:
+            checks.append(None)
+            real(buffer)
+
+        channel._check_partial_head = counting
+        fields = b"".join(b"X-Field-%02d: %s\r\n" % (i, b"v" * 30) for i in range(20))
+        raw = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n"
+        for byte in raw:
+            proto.dataReceived(bytes([byte]))
+        self.assertEqual(len(self.harness.sent()), 1)
+        # One check per CR and per LF at most, out of some 900 reads.
+        self.assertLessEqual(len(checks), 2 * raw.count(b"\n"))
+
     def test_head_in_time(self) -> None:
         """A head completed just inside header_timeout is served."""
         proto, _ = self.harness.connect()

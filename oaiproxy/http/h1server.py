@@ -181,6 +181,8 @@ class H1Channel(Protocol):
         # Bytes read and not yet parsed: a head in progress, a body, or what a client
         # pipelined behind a request being handled.
         self._buffer = b""
+        # How much of the buffer holds no complete head (searched already).
+        self._searched = 0
         # An empty line before a request line is ignored, once (as Twisted does).
         self._blank_allowed = True
         self._request: Any = None
@@ -318,12 +320,24 @@ class H1Channel(Protocol):
         if self._blank_allowed and buffer[:2] == b"\r\n":
             buffer = self._buffer = buffer[2:]
             self._blank_allowed = False
+            self._searched = 0
         if not buffer:
             return False
-        end = buffer.find(b"\r\n\r\n")
+        # A head trickled in a byte at a time is searched and checked once per byte, not
+        # once per byte for every byte before it: the search starts where the last one
+        # stopped, and the checks run when a line ends (or the head outgrows its limit).
+        searched = self._searched
+        end = buffer.find(b"\r\n\r\n", searched - 3 if searched > 3 else 0)
         if end < 0:
-            self._check_partial_head(buffer)
+            self._searched = len(buffer)
+            if (
+                buffer.find(b"\n", searched) >= 0
+                or buffer.find(b"\r", searched) >= 0
+                or len(buffer) > self.totalHeadersSize
+            ):
+                self._check_partial_head(buffer)
             return False
+        self._searched = 0
         head = buffer[:end]
         self._buffer = buffer[end + 4 :]
         self._cancel_head_deadline()
