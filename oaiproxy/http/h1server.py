@@ -159,6 +159,8 @@ class H1Channel(Protocol):
     """
 
     abortTimeout = 15
+    #: The header values of every request read here are free of CR, LF and NUL.
+    values_checked = True
     requestFactory: Any = None
     site: Any = None
     factory: Any = None

@@ -393,10 +393,13 @@ class ProxyResource(Resource):
                 f"{_shown(method)} is not allowed on {path.decode('latin-1')[:200]}",
                 allow=FORWARDED_ALLOW,
             )
-        for _, values in request.requestHeaders.getAllRawHeaders():
-            for value in values:
-                if not is_valid_value(value):
-                    raise InvalidRequest("invalid header value")
+        if not getattr(request.channel, "values_checked", False):
+            # HTTP/2 (H2Stream): values as h2 let them through. H1Channel checks them all
+            # as it reads a head.
+            for _, values in request.requestHeaders.getAllRawHeaders():
+                for value in values:
+                    if not is_valid_value(value):
+                        raise InvalidRequest("invalid header value")
         assert request.content is not None
         request.content.seek(0)
         body = request.content.read()
