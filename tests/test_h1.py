@@ -14,8 +14,16 @@ from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 
 from oaiproxy.config import Limits
+from oaiproxy.http import h1server
 from oaiproxy.http.h1server import H1Channel
-from tests.support.fakes import FakeResponse, ProxyHarness, make_harness, parse_response, post
+from tests.support.fakes import (
+    FakeResponse,
+    FakeTCP,
+    ProxyHarness,
+    make_harness,
+    parse_response,
+    post,
+)
 
 _BODY = b'{"model":"m","messages":[]}'
 
@@ -540,3 +548,85 @@ class LocalAddressTests(SynchronousTestCase):
             harness.sent()[-1].deferred.errback(Failure(ConnectionDone()))
         self.assertEqual(len(harness.sent()), 3)
         self.assertEqual(len(calls), 1)
+
+
+_BIG = b'{"model":"m","messages":[],"x":"' + b"a" * 9000 + b'"}'
+
+
+class ConnectionTests(SynchronousTestCase):
+    """The channel's hold on its connection: reading, Nagle, closing, its own memory."""
+
+    def answer(self, harness: ProxyHarness, index: int) -> None:
+        response = FakeResponse(200, {b"content-type": [b"text/plain"]}, length=2)
+        harness.sent()[index].deferred.callback(response)
+        response.deliver(b"ok")
+        response.end()
+
+    def test_reading_resumed_once_answered(self) -> None:
+        """
+        Reading stopped behind a request (too much pipelined, or a client not reading its
+        answers) starts again once nothing holds it: every pipelined request is read.
+        """
+        harness = make_harness()
+        proto, transport = harness.connect()
+        proto.dataReceived(post(b"/v1/chat/completions", _BODY))
+        proto.dataReceived(post(b"/v1/chat/completions", _BIG) * 2)
+        self.assertEqual(transport.producerState, "paused")
+        assert transport.producer is not None
+        transport.producer.pauseProducing()  # the client's receive buffer is full
+        self.answer(harness, 0)
+        transport.producer.resumeProducing()  # ... and drained, while request 2 waits
+        self.answer(harness, 1)
+        self.answer(harness, 2)
+        self.assertEqual(len(harness.sent()), 3)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 "), 3)
+
+    def test_nagle_off(self) -> None:
+        """TCP_NODELAY on every accepted connection, as Twisted's channel set it."""
+        harness = make_harness()
+        protocol = harness.site.buildProtocol(None)
+        assert protocol is not None
+        transport = FakeTCP()
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.no_delay)
+
+    def test_early_413_closes_and_aborts(self) -> None:
+        """
+        A chunked body over the cap is answered 413 at once; the channel stops being the
+        connection's producer and aborts it if it has not gone within abortTimeout.
+        """
+        harness = make_harness(limits=Limits(max_body_bytes=1000))
+        proto, transport = harness.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n7d0\r\n" + b"a" * 2000 + b"\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertIsNone(transport.producer)
+        harness.clock.advance(15)
+        self.assertTrue(transport.disconnected)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(harness.clock.getDelayedCalls(), [])
+
+    def test_long_names_not_kept(self) -> None:
+        """The table of header names keeps short ones only (clients choose them)."""
+        long_name = b"X-" + b"n" * 100
+        harness = make_harness()
+        harness.send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n%s: 1\r\n\r\n" % long_name)
+        self.assertEqual(len(harness.sent()), 1)
+        self.assertNotIn(long_name, h1server._NAMES)
+        self.assertIn(b"Host", h1server._NAMES)
+
+    def test_abort_timer_gone_with_the_connection(self) -> None:
+        """A transport that reports its loss at once leaves no abort timer behind."""
+        harness = make_harness()
+        proto, transport = harness.connect()
+
+        def lose() -> None:
+            transport.disconnecting = True
+            proto.connectionLost(Failure(ConnectionDone()))
+
+        transport.loseConnection = lose  # type: ignore[method-assign]
+        proto.dataReceived(b"GET /v1/models HTTP/1.1\r\nX: a\r\n b\r\n\r\n")
+        self.assertIn(b"folding", transport.value())
+        self.assertEqual(harness.clock.getDelayedCalls(), [])

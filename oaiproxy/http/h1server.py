@@ -51,6 +51,7 @@ from zope.interface import implementer
 from oaiproxy.errors import HeadersTooLarge, InvalidRequest, ProxyError, RequestTimeout
 from oaiproxy.http.chunked import ChunkedDecoder, MalformedChunkedData
 from oaiproxy.http.early import early_error_response, new_request_id
+from oaiproxy.http.nodelay import set_no_delay
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
@@ -80,8 +81,9 @@ _KNOWN_METHODS = frozenset((b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD
 
 _VERSIONS = frozenset((b"HTTP/1.1", b"HTTP/1.0"))
 
-# Canonical header names by name as received (checked tokens), for the fields read most
-# often; the table stops growing at _MAX_NAMES. The framing fields are checked each time.
+# Canonical header names by name as received (checked tokens, at most 64 bytes), for the
+# fields read most often; the table stops growing at _MAX_NAMES. The framing fields are
+# checked each time.
 _NAMES: dict[bytes, bytes] = {}
 _MAX_NAMES = 2048
 _FRAMING = frozenset((b"Content-Length", b"Transfer-Encoding"))
@@ -180,9 +182,10 @@ class H1Channel(Protocol):
         self.totalHeadersSize = max_header_bytes
         self._header_timeout = header_timeout
         self._state = _HEAD
-        # Bytes read and not yet parsed: a head in progress, a body, or what a client
-        # pipelined behind a request being handled.
-        self._buffer = b""
+        # Bytes read and not yet parsed: a head in progress (a bytearray once it is over
+        # 1 KiB and still unfinished), a body, or what a client pipelined behind a request
+        # being handled.
+        self._buffer: bytes | bytearray = b""
         # How much of the buffer holds no complete head (searched already).
         self._searched = 0
         # An empty line before a request line is ignored, once (as Twisted does).
@@ -196,7 +199,9 @@ class H1Channel(Protocol):
         self.persistent = True
         self._processing = False
         self._refused = False
-        self._reading_paused = False
+        # Whether this channel stopped the transport's reading (a client not reading its
+        # answers while no request is handled, or too much pipelined behind one).
+        self._transport_paused = False
         self._waiting_for_transport = False
         self._requestProducer: Any = None
         self._producer_streaming = True
@@ -212,6 +217,9 @@ class H1Channel(Protocol):
     @override
     def connectionMade(self) -> None:
         transport: Any = self.transport
+        # Small writes (a response head, an SSE event) must not wait on the client's
+        # delayed ACK: Nagle off, as Twisted's HTTPChannel does (TLS included).
+        set_no_delay(transport)
         transport.registerProducer(self, True)
         self._arm_idle()
 
@@ -277,12 +285,16 @@ class H1Channel(Protocol):
         state = self._state
         if state == _CLOSED or self._refused:
             return
-        self._buffer = self._buffer + data if self._buffer else data
+        buffer = self._buffer
+        if not buffer:
+            self._buffer = data
+        elif type(buffer) is bytearray:
+            buffer += data  # in place: a head trickling in is not copied per read
+        else:
+            self._buffer = buffer + data
         if state == _HANDLING:
-            if len(self._buffer) > _PIPELINE_BUFFER and not self._reading_paused:
-                self._reading_paused = True
-                transport: Any = self.transport
-                transport.pauseProducing()
+            if len(self._buffer) > _PIPELINE_BUFFER:
+                self._pause_reading()
             return
         idle = self._idle_call
         if idle is not None and self.timeOut is not None:
@@ -332,6 +344,9 @@ class H1Channel(Protocol):
         end = buffer.find(b"\r\n\r\n", searched - 3 if searched > 3 else 0)
         if end < 0:
             self._searched = len(buffer)
+            if type(buffer) is bytes and len(buffer) > 1024:
+                # A head arriving in pieces: gathered in place from now on.
+                self._buffer = bytearray(buffer)
             if (
                 buffer.find(b"\n", searched) >= 0
                 or buffer.find(b"\r", searched) >= 0
@@ -340,13 +355,14 @@ class H1Channel(Protocol):
                 self._check_partial_head(buffer)
             return False
         self._searched = 0
-        head = buffer[:end]
-        self._buffer = buffer[end + 4 :]
+        head = bytes(buffer[:end])
+        self._buffer = bytes(buffer[end + 4 :])
         self._cancel_head_deadline()
         return self._start_request(head)
 
-    def _check_partial_head(self, buffer: bytes) -> None:
+    def _check_partial_head(self, buffer: bytes | bytearray) -> None:
         """Refuse a head that cannot become valid, before its end arrives."""
+        buffer = bytes(buffer)
         crlfs = buffer.count(b"\r\n")
         if buffer.count(b"\n") != crlfs:
             # An LF without its CR: the client thinks its line (or head) ended. Waiting
@@ -428,7 +444,7 @@ class H1Channel(Protocol):
                     return False
                 name = _nameEncoder.encode(raw_name)
                 value = value.strip(b" \t")
-                if len(names) < _MAX_NAMES and name not in _FRAMING:
+                if len(names) < _MAX_NAMES and len(raw_name) <= 64 and name not in _FRAMING:
                     names[raw_name] = name
                 if name == b"Content-Length":
                     if length is not None or chunked:
@@ -483,7 +499,8 @@ class H1Channel(Protocol):
 
     def _read_body(self) -> bool:
         """Read what the buffer holds of the body; whether to read on."""
-        buffer, self._buffer = self._buffer, b""
+        buffer = bytes(self._buffer)  # bytes already (a head's rest): not copied
+        self._buffer = b""
         if not buffer:
             return False
         request = self._request
@@ -494,7 +511,9 @@ class H1Channel(Protocol):
             except MalformedChunkedData:
                 self._refuse(InvalidRequest("the request is not valid HTTP/1.1"))
                 return False
-            return self._state != _BODY and not self._closing()
+            if self._closing():
+                return False
+            return self._state != _BODY
         remaining = self._remaining
         if len(buffer) < remaining:
             self._remaining = remaining - len(buffer)
@@ -520,8 +539,15 @@ class H1Channel(Protocol):
         """Whether the connection is closing (a request answered at once: a body over the
         cap); then nothing more is read."""
         transport: Any = self.transport
-        if transport is None or transport.disconnecting or self._state == _CLOSED:
+        if self._state == _CLOSED:
+            return True
+        if transport is None or transport.disconnecting:
             self._state = _CLOSED
+            if transport is not None:
+                # Closed by the request (ProxyRequest's early 413): stop being its producer,
+                # and abort it if it has not gone within abortTimeout.
+                self._abort_call = self.callLater(self.abortTimeout, self._abort)
+                self.loseConnection()
             return True
         return False
 
@@ -591,11 +617,7 @@ class H1Channel(Protocol):
             return
         self._state = _HEAD
         self._arm_idle()
-        if self._reading_paused:
-            self._reading_paused = False
-            if not self._waiting_for_transport:
-                transport: Any = self.transport
-                transport.resumeProducing()
+        self._maybe_resume_reading()
         if self._buffer and not self._processing:
             self._process()
 
@@ -626,14 +648,29 @@ class H1Channel(Protocol):
         if self._requestProducer is not None:
             self._requestProducer.pauseProducing()
         if self._state != _HANDLING:
-            transport: Any = self.transport
-            transport.pauseProducing()
+            self._pause_reading()
 
     def resumeProducing(self) -> None:
         self._waiting_for_transport = False
         if self._requestProducer is not None:
             self._requestProducer.resumeProducing()
-        if self._state != _HANDLING and not self._reading_paused:
+        self._maybe_resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._transport_paused and self._state != _CLOSED:
+            self._transport_paused = True
+            transport: Any = self.transport
+            transport.pauseProducing()
+
+    def _maybe_resume_reading(self) -> None:
+        """Read the connection again if this channel stopped it and nothing holds it now:
+        no request is handled and the client reads its answers."""
+        if (
+            self._transport_paused
+            and not self._waiting_for_transport
+            and self._state not in (_HANDLING, _CLOSED)
+        ):
+            self._transport_paused = False
             transport: Any = self.transport
             transport.resumeProducing()
 
@@ -676,8 +713,8 @@ class H1Channel(Protocol):
         transport: Any = self.transport
         log.debug("closing an idle connection from {client}", client=transport.getPeer())
         self._state = _CLOSED
-        self.loseConnection()
         self._abort_call = self.callLater(self.abortTimeout, self._abort)
+        self.loseConnection()
 
     def _head_too_slow(self) -> None:
         self._head_call = None
@@ -716,10 +753,10 @@ class H1Channel(Protocol):
             return
         self._state = _CLOSED
         transport.write(early_error_response(error, request_id))
-        self.loseConnection()
         # A peer that does not read could keep the closing connection (and its buffered
         # answer) forever: abort it after abortTimeout.
         self._abort_call = self.callLater(self.abortTimeout or 15, self._abort)
+        self.loseConnection()
 
     def _abort(self) -> None:
         self._abort_call = None
