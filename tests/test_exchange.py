@@ -606,6 +606,49 @@ class DeadlineTests(SynchronousTestCase):
         self.assertTrue(response.socket.stopped)
         self.assertIn(b'"code":"upstream_timeout"', transport.value())
 
+    def test_total_deadline_after_first_byte_deadline(self) -> None:
+        """
+        Past the first-byte deadline with its first byte in, a stream runs on to the total
+        deadline: the one timer, due at the first-byte deadline, moves on to the total.
+        """
+        h = make_harness(deadlines=Deadlines(first_byte=5.0, total=20.0, idle=None))
+        _, transport, response = answered_stream(h)
+        h.clock.advance(1)
+        response.deliver(b"data: x\n\n")
+        h.clock.advance(18.8)
+        self.assertFalse(response.socket.stopped)
+        h.clock.advance(0.3)
+        self.assertTrue(response.socket.stopped)
+        self.assertIn(b"longer than 20s", transport.value())
+
+    def test_total_deadline_before_first_byte_deadline(self) -> None:
+        """A total deadline shorter than the first-byte one ends the wait first."""
+        h = make_harness(deadlines=Deadlines(first_byte=30.0, total=10.0))
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        h.clock.advance(9.9)
+        self.assertEqual(transport.value(), b"")
+        h.clock.advance(0.2)
+        status, _, body = parse_response(transport.value())
+        self.assertEqual(status, 504)
+        self.assertIn(b"longer than 10s", body)
+
+    def test_one_timer_per_exchange(self) -> None:
+        """Both deadlines share one reactor timer, cancelled when the exchange ends."""
+        h = make_harness(deadlines=Deadlines(first_byte=5.0, total=20.0, idle=None))
+        _, _transport, response = answered_stream(h)
+
+        def timers() -> list[str]:
+            return [
+                c.func.__name__  # type: ignore[attr-defined]
+                for c in h.clock.getDelayedCalls()
+                if c.func.__name__ == "_deadline_reached"  # type: ignore[attr-defined]
+            ]
+
+        self.assertEqual(timers(), ["_deadline_reached"])
+        response.deliver(b"data: x\n\n")
+        response.end()
+        self.assertEqual(timers(), [])
+
 
 class BackpressureTests(SynchronousTestCase):
     """A slow client pauses the upstream read."""
