@@ -6,6 +6,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from oaiproxy.errors import InvalidRequest
+from oaiproxy.http import headers as header_module
 from oaiproxy.http.headers import (
     MAX_RETRY_AFTER,
     downstream_response_headers,
@@ -184,3 +185,27 @@ class ForLogTests(SynchronousTestCase):
         """At most the limit, counted before escaping."""
         self.assertEqual(for_log("x" * 500), "x" * 200)
         self.assertEqual(for_log("\n" * 3, limit=2), "\\x0a\\x0a")
+
+
+class CanonicalNameTests(SynchronousTestCase):
+    """Header names as Twisted's Headers keep them, without a call of its encoder each."""
+
+    def test_same_as_twisted(self) -> None:
+        from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
+
+        for name in [b"content-type", b"X-REQUEST-ID", b"www-authenticate", b"te", b"a-b-c"]:
+            self.assertEqual(header_module.canonical(name), _nameEncoder.encode(name))
+            self.assertEqual(header_module.canonical(name), _nameEncoder.encode(name))  # cached
+        with self.assertRaises(InvalidHeaderName):
+            header_module.canonical(b"bad name")
+
+    def test_long_names_not_kept(self) -> None:
+        name = b"x-" + b"l" * 100
+        self.assertEqual(header_module.canonical(name), b"X-" + b"l" * 100)
+        self.assertNotIn(name, header_module._CANONICAL)
+
+    def test_raw_values(self) -> None:
+        """As getRawHeaders(name, []) for a canonical name."""
+        fields = Headers({b"x-a": [b"1", b"2"]})
+        self.assertEqual(header_module.raw_values(fields, b"X-A"), [b"1", b"2"])
+        self.assertEqual(header_module.raw_values(fields, b"X-B"), [])

@@ -21,6 +21,7 @@ __all__ = [
     "FORWARDED_METHODS",
     "HOP_BY_HOP",
     "add_checked",
+    "canonical",
     "connection_named",
     "downstream_response_headers",
     "for_log",
@@ -28,6 +29,7 @@ __all__ = [
     "is_valid_name",
     "is_valid_reason",
     "is_valid_value",
+    "raw_values",
     "relayed_downstream",
     "retry_after",
     "set_checked",
@@ -101,6 +103,37 @@ def is_valid_reason(phrase: bytes) -> bool:
     return len(phrase.translate(None, _NOT_REASON)) == len(phrase)
 
 
+# Canonical names (Twisted's Headers form) by name as given, for names up to 64 bytes; the
+# table stops growing at _MAX_CANONICAL. A dictionary look-up costs far less than a call of
+# Twisted's encoder per field.
+_CANONICAL: dict[bytes, bytes] = {}
+_MAX_CANONICAL = 2048
+
+
+def canonical(name: bytes) -> bytes:
+    """C{name} as Twisted's L{Headers} stores it (C{_nameEncoder}, which checks it)."""
+    known = _CANONICAL.get(name)
+    if known is not None:
+        return known
+    encoded: bytes = _nameEncoder.encode(name)
+    if len(name) <= 64 and len(_CANONICAL) < _MAX_CANONICAL:
+        _CANONICAL[name] = encoded
+    return encoded
+
+
+def raw_values(headers: Headers, name: bytes) -> list[bytes]:
+    """
+    C{headers.getRawHeaders(name, [])} for a canonical C{name} (C{b"Content-Type"}), without
+    a copy or Twisted's encoder: the list must not be changed. Twisted 26.10.0: L{Headers}
+    keeps its values in C{_rawHeaders} (private), under canonical names.
+    """
+    values: list[bytes] = headers._rawHeaders.get(name, _NONE)
+    return values
+
+
+_NONE: list[bytes] = []
+
+
 def add_checked(headers: Headers, name: bytes, value: bytes) -> None:
     """
     C{headers.addRawHeader(name, value)} for a value already known to be free of CR, LF and
@@ -111,12 +144,12 @@ def add_checked(headers: Headers, name: bytes, value: bytes) -> None:
     Written against Twisted 26.10.0: L{Headers} keeps its values in C{_rawHeaders} (private),
     under canonical names.
     """
-    headers._rawHeaders.setdefault(_nameEncoder.encode(name), []).append(value)
+    headers._rawHeaders.setdefault(_CANONICAL.get(name) or canonical(name), []).append(value)
 
 
 def set_checked(headers: Headers, name: bytes, value: bytes) -> None:
     """C{headers.setRawHeaders(name, [value])}, as L{add_checked} is to C{addRawHeader}."""
-    headers._rawHeaders[_nameEncoder.encode(name)] = [value]
+    headers._rawHeaders[_CANONICAL.get(name) or canonical(name)] = [value]
 
 
 #: The longest an upstream is left out for its C{Retry-After} (a buggy or hostile value could
@@ -230,7 +263,7 @@ def upstream_request_headers(
     out = Headers()
     # Names in Twisted's canonical form, values checked below: stored as add_checked does.
     stored = out._rawHeaders
-    named = connection_named(client) if client.hasHeader(b"connection") else frozenset()
+    named = connection_named(client) if raw_values(client, b"Connection") else frozenset()
     known = _UP_NAMES
     values: list[bytes] = []
     for name, field_values in client.getAllRawHeaders():
@@ -255,7 +288,7 @@ def upstream_request_headers(
     stored[b"Host"] = [host]
     if api_key is not None:
         out.setRawHeaders(b"authorization", [b"Bearer " + api_key])
-    forwarded_for = [v.strip() for v in client.getRawHeaders(b"x-forwarded-for", []) if v.strip()]
+    forwarded_for = [v.strip() for v in raw_values(client, b"X-Forwarded-For") if v.strip()]
     for value in forwarded_for:
         if not is_valid_value(value):
             raise InvalidRequest("invalid value in header 'X-Forwarded-For'")

@@ -38,6 +38,7 @@ from oaiproxy.http.headers import (
     add_checked,
     downstream_response_headers,
     is_valid_reason,
+    raw_values,
     set_checked,
 )
 from oaiproxy.http.sendnow import corker, sender, writer
@@ -131,7 +132,7 @@ class Relay(Protocol):
         self._stall: StallWatch | None = None
         self._on_first_byte = on_first_byte
         self._on_end: Callable[[ProxyError | None], None] | None = on_end
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        content_type = (raw_values(response.headers, b"Content-Type") or [b""])[0]
         self.is_sse = content_type.lower().startswith(b"text/event-stream")
         self.committed = False
         self.bytes_relayed = 0
@@ -323,11 +324,11 @@ class Relay(Protocol):
             fields = downstream_response_headers(response.headers)
         for name, value in fields:
             add_checked(out, name, value)
-        if not out.hasHeader(b"x-request-id"):
+        if not raw_values(out, b"X-Request-Id"):
             set_checked(out, b"x-request-id", self._request_id)
         if self.is_sse:
             set_checked(out, b"x-accel-buffering", b"no")
-            if not out.hasHeader(b"cache-control"):
+            if not raw_values(out, b"Cache-Control"):
                 set_checked(out, b"cache-control", b"no-cache")
         elif request.method == b"HEAD" or response.code == 304:
             # No body follows; the length the upstream said is that of the body a GET would

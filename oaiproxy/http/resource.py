@@ -39,6 +39,7 @@ from oaiproxy.http.headers import (
     for_log,
     is_printable,
     is_valid_value,
+    raw_values,
 )
 
 __all__ = ["ProxyRequest", "ProxyResource", "request_factory", "write_error"]
@@ -233,7 +234,7 @@ def _request_id(request: server.Request) -> bytes:
     existing: bytes | None = getattr(request, "_oaiproxy_request_id", None)
     if existing is not None:
         return existing
-    given = request.requestHeaders.getRawHeaders(b"x-request-id")
+    given = raw_values(request.requestHeaders, b"X-Request-Id")
     request_id = request_id_for(given[0] if given else None)
     request._oaiproxy_request_id = request_id  # type: ignore[attr-defined]
     return request_id
@@ -382,7 +383,7 @@ class ProxyResource(Resource):
             raise InvalidRequest("the request path has a '.' or '..' segment")
         if (
             request.clientproto == b"HTTP/1.1"
-            and len(request.requestHeaders.getRawHeaders(b"host", ())) != 1
+            and len(raw_values(request.requestHeaders, b"Host")) != 1
         ):
             # RFC 9112 3.2: an HTTP/1.1 request with no Host, or more than one, is refused.
             raise InvalidRequest("an HTTP/1.1 request needs exactly one Host header")
