@@ -201,7 +201,7 @@ class CanonicalNameTests(SynchronousTestCase):
 
     def test_long_names_not_kept(self) -> None:
         name = b"x-" + b"l" * 100
-        self.assertEqual(header_module.canonical(name), b"X-" + b"l" * 100)
+        self.assertEqual(header_module.canonical(name), b"X-L" + b"l" * 99)
         self.assertNotIn(name, header_module._CANONICAL)
 
     def test_raw_values(self) -> None:
