@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from typing import Any
 
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import Request as HTTPRequest
 
 from oaiproxy.config import Limits
 from oaiproxy.http.early import reason_phrase
-from oaiproxy.http.resource import _Body
+from oaiproxy.http.resource import ProxyRequest, _Body
 from tests.support.fakes import forbid_temporary_files, make_harness, parse_response, post
 
 
@@ -309,3 +312,63 @@ class ReasonPhraseTests(SynchronousTestCase):
         self.assertEqual(reason_phrase(429), b"Too Many Requests")
         self.assertEqual(reason_phrase(431), b"Request Header Fields Too Large")
         self.assertEqual(reason_phrase(599), b"Error")
+
+
+class _RecordingChannel:
+    """What a request writes through its channel, in order."""
+
+    site = None
+    factory = None
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+        self.calls: list[tuple[str, Any]] = []
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        self.calls.append(("head", (version, code, reason, list(headers.getAllRawHeaders()))))
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", data))
+
+    def writeSequence(self, data: Any) -> None:
+        self.calls.append(("writeSequence", list(data)))
+
+
+class WriteTests(SynchronousTestCase):
+    """ProxyRequest's write does what Twisted's http.Request.write does, head included."""
+
+    def outcome(self, lean: bool, version: bytes, method: bytes, code: int, length: bool) -> Any:
+        channel = _RecordingChannel()
+        request: Any = ProxyRequest(channel, parsePOSTFormSubmission=False)
+        request.clientproto, request.method = version, method
+        request.setResponseCode(code)
+        request.responseHeaders.setRawHeaders(b"x-a", [b"1"])
+        if length:
+            request.responseHeaders.setRawHeaders(b"content-length", [b"5"])
+        for data in (b"hello", b"", b"more"):
+            # As callers do: the request's write each time (an instance's own, once Twisted
+            # or ProxyRequest put one there for a response without a body).
+            if lean or "write" in vars(request):
+                request.write(data)
+            else:
+                HTTPRequest.write(request, data)
+        return channel.calls, request.chunked, request.sentLength, "write" in vars(request)
+
+    def test_as_twisted(self) -> None:
+        for version, method, code, length in itertools.product(
+            (b"HTTP/1.1", b"HTTP/1.0"),
+            (b"GET", b"HEAD", b"POST"),
+            (200, 204, 304, 500),
+            (True, False),
+        ):
+            with self.subTest(version=version, method=method, code=code, length=length):
+                self.assertEqual(
+                    self.outcome(True, version, method, code, length),
+                    self.outcome(False, version, method, code, length),
+                )

@@ -588,7 +588,7 @@ class H1Channel(Protocol):
                 sanitized.addRawHeader(name, value)
             headers = sanitized
         head = [b"HTTP/1.1 ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
+        for name, values in headers._rawHeaders.items():  # Twisted 26.10.0's (private)
             for value in values:
                 head += (name, b": ", value, b"\r\n")
         head.append(b"\r\n")

@@ -14,8 +14,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http import NO_BODY_CODES, datetimeToString, toChunk
 from twisted.web.http import Request as _HTTPRequest
-from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from typing_extensions import override
 
@@ -40,6 +40,7 @@ from oaiproxy.http.headers import (
     is_printable,
     is_valid_value,
     raw_values,
+    set_checked,
 )
 
 __all__ = ["ProxyRequest", "ProxyResource", "request_factory", "write_error"]
@@ -111,6 +112,10 @@ class _Sink:
         """Nothing to close."""
 
 
+def _drop(data: bytes) -> None:
+    """The write of a response that has no body (HEAD, 204, 304)."""
+
+
 @lru_cache(maxsize=1)
 def _http_date(second: int) -> bytes:
     """The HTTP C{Date} value for C{second}, formatted once per second."""
@@ -145,7 +150,7 @@ class ProxyRequest(server.Request):
         channel: Any = self.channel
         site: Any = channel.site
         self.site = site
-        self.responseHeaders.setRawHeaders(b"date", [_http_date(int(site.reactor.seconds()))])
+        set_checked(self.responseHeaders, b"date", _http_date(int(site.reactor.seconds())))
         self.prepath = []
         self.postpath = []
         self.sitepath: list[bytes] = []
@@ -176,12 +181,48 @@ class ProxyRequest(server.Request):
     @override
     def write(self, data: bytes) -> None:
         """
-        Twisted's C{http.Request.write}. C{server.Request}'s own first looks for a default
+        Twisted's C{http.Request.write}, its first write (the head) made with direct look-ups
+        in the response headers. C{server.Request}'s own write first looks for a default
         C{Content-Type} to add (this request has none: C{defaultContentType} is C{None}) and
-        for an encoder (the resource has none): two header look-ups per response. (Named at
-        import: C{twisted.web.http} is a deprecation proxy, slow to look attributes up in.)
+        for an encoder (the resource has none): two header look-ups per response. (Twisted's
+        named at import: C{twisted.web.http} is a deprecation proxy, slow to look
+        attributes up in.) Twisted 26.10.0: C{Headers._rawHeaders} is private.
         """
-        _HTTPRequest.write(self, data)
+        if (
+            self.startedWriting
+            or self.finished
+            or self._disconnected
+            or self.lastModified is not None
+            or self.etag is not None
+            or self.cookies
+        ):
+            _HTTPRequest.write(self, data)
+            return
+        self.startedWriting = 1
+        version: bytes = self.clientproto
+        method: bytes = self.method
+        code: int = self.code
+        headers = self.responseHeaders
+        if (
+            version == b"HTTP/1.1"
+            and b"Content-Length" not in headers._rawHeaders
+            and method != b"HEAD"
+            and code not in NO_BODY_CODES
+        ):
+            headers._rawHeaders[b"Transfer-Encoding"] = [b"chunked"]
+            self.chunked = 1
+        channel: Any = self.channel
+        channel.writeHeaders(version, b"%d" % (code,), self.code_message, headers)
+        if method == b"HEAD" or code in NO_BODY_CODES:
+            # As Twisted: no body goes out, whatever is written (the relay looks for this).
+            self.write = _drop  # type: ignore[method-assign]
+            return
+        self.sentLength = self.sentLength + len(data)
+        if data:
+            if self.chunked:
+                channel.writeSequence(toChunk(data))
+            else:
+                channel.write(data)
 
     @override
     def gotLength(self, length: int | None) -> None:
