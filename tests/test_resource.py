@@ -372,3 +372,14 @@ class WriteTests(SynchronousTestCase):
                     self.outcome(True, version, method, code, length),
                     self.outcome(False, version, method, code, length),
                 )
+
+    def test_constructor_sets_what_twisteds_do(self) -> None:
+        """ProxyRequest's constructor leaves the state Twisted's constructors leave."""
+        from twisted.web import server
+
+        channel: Any = _RecordingChannel()
+        ours = vars(ProxyRequest(channel))
+        twisted = vars(server.Request(channel, False, parsePOSTFormSubmission=False))
+        self.assertEqual(sorted(ours), sorted(twisted))
+        for name in ("queued", "_parsePOSTFormSubmission", "channel", "transport", "client"):
+            self.assertEqual(ours[name], twisted[name], name)

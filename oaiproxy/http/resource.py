@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import NO_BODY_CODES, datetimeToString, toChunk
 from twisted.web.http import Request as _HTTPRequest
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from typing_extensions import override
 
@@ -139,6 +140,27 @@ class ProxyRequest(server.Request):
     # Set when the 413 went straight to the HTTP/1.1 transport: nothing more may be written.
     answered_early = False
     _received = 0
+
+    def __init__(
+        self, channel: Any, queued: object = False, parsePOSTFormSubmission: bool | None = None
+    ) -> None:
+        """
+        What the constructors of Twisted's C{server.Request}, C{http.Request} and
+        C{Componentized} set (Twisted 26.10.0), without their look-ups: the request is never
+        queued, and never parses form bodies.
+        """
+        self.notifications: list[Deferred[None]] = []
+        self.channel = channel
+        self.client = channel.getPeer()
+        self.host = channel.getHost()
+        self.requestHeaders = Headers()
+        self.received_cookies: dict[bytes, bytes] = {}
+        self.responseHeaders = Headers()
+        self.cookies: list[bytes] = []
+        self.transport = channel.transport
+        self.queued = False
+        self._parsePOSTFormSubmission = False
+        self._adapterCache: dict[Any, Any] = {}
 
     @override
     def process(self) -> None:
