@@ -609,13 +609,39 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(harness.clock.getDelayedCalls(), [])
 
     def test_long_names_not_kept(self) -> None:
-        """The table of header names keeps short ones only (clients choose them)."""
+        """
+        No table of header names keeps a long one (clients choose them): the channel's,
+        the upstream translation's, nor Twisted's encoder's.
+        """
+        from twisted.web.http_headers import _nameEncoder
+
+        from oaiproxy.http import headers
+
         long_name = b"X-" + b"n" * 100
         harness = make_harness()
         harness.send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n%s: 1\r\n\r\n" % long_name)
-        self.assertEqual(len(harness.sent()), 1)
+        [sent] = harness.sent()
         self.assertNotIn(long_name, h1server._NAMES)
         self.assertIn(b"Host", h1server._NAMES)
+        self.assertNotIn(long_name, headers._UP_NAMES)
+        self.assertNotIn(long_name, _nameEncoder._canonicalHeaderCache)
+        self.assertEqual(sent.headers.getRawHeaders(long_name), [b"1"])  # forwarded
+
+    def test_head_at_its_limit_read_in_pieces(self) -> None:
+        """A head of exactly max_header_bytes is taken whether it comes whole or byte by byte."""
+        fill = b"X-Fill: "
+        start = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+        counted = len(start) - 4 + len(fill)
+        raw = start + fill + b"v" * (2048 - counted) + b"\r\n\r\n"
+        for pieces in ([raw], [bytes([b]) for b in raw]):
+            harness = make_harness(limits=Limits(max_header_bytes=2048))
+            proto, _ = harness.connect()
+            for piece in pieces:
+                proto.dataReceived(piece)
+            self.assertEqual(len(harness.sent()), 1, len(pieces))
+        harness = make_harness(limits=Limits(max_header_bytes=2048))
+        _, transport = harness.send(raw.replace(b"X-Fill: ", b"X-Fill: w"))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
 
     def test_abort_timer_gone_with_the_connection(self) -> None:
         """A transport that reports its loss at once leaves no abort timer behind."""

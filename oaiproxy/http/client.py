@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers, _nameEncoder
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from typing_extensions import override
 from zope.interface import implementer
@@ -52,7 +52,14 @@ from oaiproxy.errors import (
     UpstreamProtocolError,
 )
 from oaiproxy.http.chunked import ChunkedDecoder
-from oaiproxy.http.headers import HOP_BY_HOP, is_printable, is_valid_name, relayed_downstream
+from oaiproxy.http.headers import (
+    HOP_BY_HOP,
+    MAX_KEPT_NAME,
+    canonical,
+    is_printable,
+    is_valid_name,
+    relayed_downstream,
+)
 from oaiproxy.http.nodelay import set_no_delay
 from oaiproxy.http.sendnow import sender, writer
 from oaiproxy.tls import openssl_reasons
@@ -158,8 +165,8 @@ def _name_info(name: bytes) -> tuple[bytes, bytes, bool] | None:
     if not is_valid_name(name):
         return None
     lower = name.lower()
-    info = (lower, _nameEncoder.encode(name), relayed_downstream(lower))
-    if len(_NAMES) < _MAX_NAMES:
+    info = (lower, canonical(name), relayed_downstream(lower))
+    if len(_NAMES) < _MAX_NAMES and len(name) <= MAX_KEPT_NAME:
         _NAMES[name] = info
     return info
 

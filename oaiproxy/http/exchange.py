@@ -304,8 +304,8 @@ class Exchange:
         Have the timer due at the earlier of the deadlines set. Timers are a noticeable part
         of a request's cost (two made and cancelled per request were about 5% of its
         instructions), so there is one, and it is only ever brought forward here: once the
-        first byte is in, it stays where it was, and fires early once at most on a response
-        that outlives the first-byte deadline (see L{_deadline_reached}).
+        first byte is in, or another attempt starts, it stays where it was, and fires early
+        (once per attempt at most) to be set again (see L{_deadline_reached}).
         """
         first_byte_at, total_at = self._first_byte_at, self._total_at
         if first_byte_at is None:

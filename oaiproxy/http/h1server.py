@@ -29,7 +29,7 @@ C{requestDone}, C{registerProducer}, C{unregisterProducer}, C{getPeer}, C{getHos
 C{isSecure}, C{loseConnection}, C{site} and C{factory}. It is the producer of its transport,
 as Twisted's is: a client that does not read pauses the request's producer (the relay), and
 an idle connection's reading. Written against Twisted 26.10.0: it uses Twisted's private
-C{_PullToPush} for a non-streaming producer, and C{_nameEncoder} for header names.
+C{_PullToPush} for a non-streaming producer.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import _parseRequestLine
-from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
+from twisted.web.http_headers import Headers, InvalidHeaderName
 from twisted.web.iweb import INonQueuedRequestFactory
 from typing_extensions import override
 from zope.interface import implementer
@@ -51,6 +51,7 @@ from zope.interface import implementer
 from oaiproxy.errors import HeadersTooLarge, InvalidRequest, ProxyError, RequestTimeout
 from oaiproxy.http.chunked import ChunkedDecoder, MalformedChunkedData
 from oaiproxy.http.early import early_error_response, new_request_id
+from oaiproxy.http.headers import MAX_KEPT_NAME, canonical
 from oaiproxy.http.nodelay import set_no_delay
 
 __all__ = [
@@ -99,7 +100,7 @@ def _field_error(line: bytes, version: bytes) -> ProxyError | None:
     if not colon:
         return InvalidRequest("the request is not valid HTTP/1.1")
     try:
-        name = _nameEncoder.encode(raw_name)
+        name = canonical(raw_name)
     except InvalidHeaderName:
         return InvalidRequest("the request is not valid HTTP/1.1")
     value = value.strip(b" \t")
@@ -374,12 +375,14 @@ class H1Channel(Protocol):
             # A CR inside a line that has ended: the head can never be valid.
             self._refuse(InvalidRequest("a line of the request head has a bare CR or LF"))
             return
-        if len(buffer) - (last + 2 if last >= 0 else 0) > self.totalHeadersSize:
+        # A CR at the end (its LF, or the end of the head, on its way) counts for no line.
+        size = len(buffer) - (buffer[-1] == 13)
+        if size - (last + 2 if last >= 0 else 0) > self.totalHeadersSize:
             self._refuse(
                 HeadersTooLarge(f"a request head line is over {self.totalHeadersSize} bytes")
             )
             return
-        if len(buffer) - 2 * crlfs > self.totalHeadersSize or crlfs > self.maxHeaders + 1:
+        if size - 2 * crlfs > self.totalHeadersSize or crlfs > self.maxHeaders + 1:
             self._too_large()
             return
         if last < 0:
@@ -442,9 +445,13 @@ class H1Channel(Protocol):
                 if error is not None:
                     self._refuse(error)
                     return False
-                name = _nameEncoder.encode(raw_name)
+                name = canonical(raw_name)
                 value = value.strip(b" \t")
-                if len(names) < _MAX_NAMES and len(raw_name) <= 64 and name not in _FRAMING:
+                if (
+                    len(names) < _MAX_NAMES
+                    and len(raw_name) <= MAX_KEPT_NAME
+                    and name not in _FRAMING
+                ):
                     names[raw_name] = name
                 if name == b"Content-Length":
                     if length is not None or chunked:
@@ -546,7 +553,7 @@ class H1Channel(Protocol):
             if transport is not None:
                 # Closed by the request (ProxyRequest's early 413): stop being its producer,
                 # and abort it if it has not gone within abortTimeout.
-                self._abort_call = self.callLater(self.abortTimeout, self._abort)
+                self._abort_call = self.callLater(self.abortTimeout or 15, self._abort)
                 self.loseConnection()
             return True
         return False
@@ -713,7 +720,7 @@ class H1Channel(Protocol):
         transport: Any = self.transport
         log.debug("closing an idle connection from {client}", client=transport.getPeer())
         self._state = _CLOSED
-        self._abort_call = self.callLater(self.abortTimeout, self._abort)
+        self._abort_call = self.callLater(self.abortTimeout or 15, self._abort)
         self.loseConnection()
 
     def _head_too_slow(self) -> None:

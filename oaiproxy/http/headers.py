@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from email.utils import parsedate_to_datetime
 
-from twisted.web.http_headers import Headers, _nameEncoder
+from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
 from oaiproxy.errors import InvalidRequest
 
@@ -20,6 +20,7 @@ __all__ = [
     "FORWARDED_ALLOW",
     "FORWARDED_METHODS",
     "HOP_BY_HOP",
+    "MAX_KEPT_NAME",
     "add_checked",
     "canonical",
     "connection_named",
@@ -110,13 +111,28 @@ _CANONICAL: dict[bytes, bytes] = {}
 _MAX_CANONICAL = 2048
 
 
+#: Names longer than this are not kept in any table (a client chooses them: a table of
+#: 30 KB names would hold tens of megabytes for ever).
+MAX_KEPT_NAME = 64
+
+
 def canonical(name: bytes) -> bytes:
-    """C{name} as Twisted's L{Headers} stores it (C{_nameEncoder}, which checks it)."""
+    """
+    C{name} as Twisted's L{Headers} stores it, checked as Twisted's C{_nameEncoder} checks it.
+
+    @raise InvalidHeaderName: if C{name} is not a token.
+    """
     known = _CANONICAL.get(name)
     if known is not None:
         return known
+    if len(name) > MAX_KEPT_NAME:
+        # Twisted's encoder would keep it in its own table (10,000 names of any length).
+        if not is_valid_name(name):
+            raise InvalidHeaderName(name)
+        joined = b"-".join([word.capitalize() for word in name.split(b"-")])
+        return _nameEncoder._caseMappings.get(joined, joined)
     encoded: bytes = _nameEncoder.encode(name)
-    if len(name) <= 64 and len(_CANONICAL) < _MAX_CANONICAL:
+    if len(_CANONICAL) < _MAX_CANONICAL:
         _CANONICAL[name] = encoded
     return encoded
 
@@ -234,7 +250,7 @@ def _up_name(name: bytes) -> tuple[bytes, bool, bool]:
     lower = name.lower()
     forwarded = lower not in _DROPPED_UP and not lower.startswith((b":", b"proxy-"))
     info = (lower, is_valid_name(name), forwarded)
-    if len(_UP_NAMES) < _MAX_NAMES:
+    if len(_UP_NAMES) < _MAX_NAMES and len(name) <= MAX_KEPT_NAME:
         _UP_NAMES[name] = info
     return info
 

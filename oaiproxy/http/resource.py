@@ -227,7 +227,7 @@ class ProxyRequest(server.Request):
         headers = self.responseHeaders
         if (
             version == b"HTTP/1.1"
-            and b"Content-Length" not in headers._rawHeaders
+            and not headers._rawHeaders.get(b"Content-Length")
             and method != b"HEAD"
             and code not in NO_BODY_CODES
         ):
