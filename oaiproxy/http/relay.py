@@ -165,21 +165,30 @@ class Relay(Protocol):
         # The body came whole with the head (the upstream client's small answers): written
         # with the head and finished at once, with no producer to register, nothing to pause;
         # to a plain TCP client, in one send.
+        request = self._request
         with self._corker or nullcontext():
             if whole:
                 self._buffer.append(whole)
                 self._flush()
-            request = self._request
             if self._on_end is not None:
                 if not self.committed:
                     self._commit()
-                if not request.finished and not getattr(request, "_disconnected", False):
-                    request.finish()
+                if request.chunked or not request.startedWriting:
+                    # The end writes bytes too (the last chunk, or the head itself).
+                    self._finish_request()
         if self._on_end is None:
             return  # the client went away meanwhile
+        # The request's bookkeeping (the channel's, the exchange's) after the send: the
+        # client has its answer while it runs.
+        self._finish_request()
         self._seen_first_byte = True
         self._on_first_byte()
         self._complete()
+
+    def _finish_request(self) -> None:
+        request = self._request
+        if not request.finished and not getattr(request, "_disconnected", False):
+            request.finish()
 
     # -- IProtocol, fed by the upstream response ------------------------------------------
 
