@@ -779,6 +779,37 @@ class CancellationTests(SynchronousTestCase):
         h.clock.advance(0)
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
+    def test_gone_with_twisteds_own_request(self) -> None:
+        """
+        A request without ProxyRequest's hook (Twisted's own) is watched through
+        notifyFinish: its client going away cancels the upstream request too.
+        """
+        from twisted.web import server
+
+        h = make_harness()
+
+        def plain(channel: Any, queued: object = False) -> server.Request:
+            request: server.Request = server.Request(
+                channel, queued, parsePOSTFormSubmission=False
+            )
+            return request
+
+        h.site.requestFactory = plain  # type: ignore[assignment]
+        proto, _transport = h.send(post(b"/v1/embeddings", b"{}"))
+        self.assertEqual(len(h.sent()), 1)
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(h.sent()[0].cancelled)
+
+    def test_hook_let_go_when_done(self) -> None:
+        """The request stops holding the exchange once it is done (no reference cycle)."""
+        h = make_harness()
+        proto, _transport, response = answered_stream(h)
+        request: Any = proto._channel._request
+        self.assertIsNotNone(request.on_client_lost)
+        response.deliver(b"data: 1\n\n")
+        response.end()
+        self.assertIsNone(request.on_client_lost)
+
     def test_gone_cancels_timers(self) -> None:
         """No deadline timer outlives a cancelled exchange."""
         h = make_harness()

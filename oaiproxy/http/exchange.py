@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -100,6 +101,8 @@ class Exchange:
         self._total_at: float | None = None
         self.done = False
         self.client_gone = False
+        # Whether the request holds _client_went_away (see start and _finish).
+        self._hooked = False
 
     def start(self) -> None:
         """Begin: try an upstream, watch for the client going away, arm the total deadline."""
@@ -108,7 +111,12 @@ class Exchange:
         self._attempt()
         if self.done:
             return  # answered already (no upstream to try)
-        self._request.notifyFinish().addErrback(self._client_went_away)
+        request: Any = self._request
+        if hasattr(request, "on_client_lost"):  # a ProxyRequest: a callback, not a Deferred
+            request.on_client_lost = self._client_went_away
+            self._hooked = True
+        else:
+            request.notifyFinish().addErrback(self._client_went_away)
         total = self._deadlines.total
         if total is not None:
             self._total_at = self.ctx.started + total
@@ -252,13 +260,17 @@ class Exchange:
 
     def _finish(self) -> None:
         """
-        Mark the exchange done: cancel its timers and drop the request body, which no
+        Mark the exchange done: cancel its timers, drop the request body, which no
         attempt will need again (the exchange lives as long as its request, and a body can be
-        max_body_bytes).
+        max_body_bytes), and the request's hold on the exchange (a reference cycle).
         """
         self.done = True
         self._cancel_timers()
         self.ctx.body = b""
+        if self._hooked:
+            self._hooked = False
+            request: Any = self._request
+            request.on_client_lost = None
 
     def _give_up(self, error: ProxyError) -> None:
         """Answer the client with C{error}; nothing has been written downstream yet."""

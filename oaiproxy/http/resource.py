@@ -6,6 +6,7 @@ request, and the one place where a L{ProxyError} becomes an OpenAI-shaped JSON r
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -140,6 +141,18 @@ class ProxyRequest(server.Request):
     # Set when the 413 went straight to the HTTP/1.1 transport: nothing more may be written.
     answered_early = False
     _received = 0
+
+    #: Called once with the reason if the client goes away before the answer is finished:
+    #: what an errback on C{notifyFinish()} would get, without a Deferred per request
+    #: (about 2.6% of a request's instructions). The exchange's.
+    on_client_lost: Callable[[Failure], object] | None = None
+
+    @override
+    def connectionLost(self, reason: Failure) -> None:
+        callback, self.on_client_lost = self.on_client_lost, None
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        if callback is not None and not self.finished:
+            callback(reason)
 
     def __init__(
         self, channel: Any, queued: object = False, parsePOSTFormSubmission: bool | None = None
