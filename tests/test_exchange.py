@@ -810,6 +810,32 @@ class CancellationTests(SynchronousTestCase):
         response.end()
         self.assertIsNone(request.on_client_lost)
 
+    def test_hook_kept_through_failover_and_let_go(self) -> None:
+        """The hook outlives a failover (the client going away then cancels the second
+        upstream), and is let go once an answer is given up on."""
+        h = make_harness([upstream_config("a"), upstream_config("b")])
+        proto, _transport = h.send(post(b"/v1/embeddings", b"{}"))
+        request: Any = proto._channel._request
+        h.sent("a")[0].deferred.callback(FakeResponse(503, {}, length=5))
+        self.assertIsNotNone(request.on_client_lost)
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(h.sent("b")[0].cancelled)
+        self.assertIsNone(request.on_client_lost)
+
+    def test_hook_that_raises_is_contained(self) -> None:
+        """A client-gone callback that raises is logged; the loss goes on to others."""
+        h = make_harness()
+        proto, _transport = h.send(post(b"/v1/embeddings", b"{}"))
+        request: Any = proto._channel._request
+
+        def broken(reason: Failure) -> None:
+            raise RuntimeError("broken")
+
+        request.on_client_lost = broken
+        request.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(request._disconnected)
+
     def test_gone_cancels_timers(self) -> None:
         """No deadline timer outlives a cancelled exchange."""
         h = make_harness()

@@ -152,7 +152,12 @@ class ProxyRequest(server.Request):
         callback, self.on_client_lost = self.on_client_lost, None
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
         if callback is not None and not self.finished:
-            callback(reason)
+            try:
+                callback(reason)
+            except Exception:
+                # Contained, as a Deferred's errback would be: an HTTP/2 connection tells
+                # its other streams next.
+                log.failure("while handling a client going away")
 
     def __init__(
         self, channel: Any, queued: object = False, parsePOSTFormSubmission: bool | None = None
