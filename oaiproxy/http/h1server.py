@@ -164,6 +164,9 @@ class H1Channel(Protocol):
     abortTimeout = 15
     #: The header values of every request read here are free of CR, LF and NUL.
     values_checked = True
+    #: The relay's ways of sending on this connection, made by the first relay (see
+    #: L{oaiproxy.http.relay.Relay}).
+    relay_tools: Any = None
     requestFactory: Any = None
     site: Any = None
     factory: Any = None
@@ -275,6 +278,7 @@ class H1Channel(Protocol):
         self._abort_call = None
         self._decoder = None
         self._buffer = b""
+        self.relay_tools = None  # they hold the transport
         request, self._request = self._request, None
         if request is not None:
             request.connectionLost(reason)

@@ -41,7 +41,7 @@ from oaiproxy.http.headers import (
     raw_values,
     set_checked,
 )
-from oaiproxy.http.sendnow import corker, sender, writer
+from oaiproxy.http.sendnow import Cork, corker, sender, writer
 from oaiproxy.http.stall import StallWatch
 
 __all__ = ["Relay", "abort_downstream", "downstream_backlog"]
@@ -81,6 +81,10 @@ def downstream_backlog(request: Request) -> int | None:
             return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
         transport = getattr(transport, "transport", None)
     return None
+
+
+# What a relay sends with on an HTTP/1.1 connection: see Relay.__init__.
+_Tools = tuple[Callable[[], None] | None, Callable[[bytes], None] | None, Cork | None]
 
 
 def _nothing() -> None:
@@ -146,15 +150,24 @@ class Relay(Protocol):
         # Over HTTP/2 each write becomes a frame queued for the connection's send loop: join
         # the reads of one turn into one write. Over HTTP/1.1 each upstream read (one per turn,
         # its chunks joined by the decoder) is written and sent at once.
-        self._coalesce = isinstance(request.channel, H2Stream)
-        # An HTTP/1.1 client connection (plain or TLS): what is relayed is sent at once.
-        transport = None if self._coalesce else getattr(request.channel, "transport", None)
-        self._send_now = sender(transport)
-        # A plain TCP client: once the head is out, each chunk of a chunked body goes straight
-        # to the socket (see _write_chunk); a body that came whole goes out with its head in
-        # one send (see start).
-        self._write_now = writer(transport)
-        self._corker = corker(transport) if self._write_now is not None else None
+        channel: Any = request.channel
+        self._coalesce = isinstance(channel, H2Stream)
+        # An HTTP/1.1 client connection (plain or TLS): what is relayed is sent at once (made
+        # once per connection, kept on its channel).
+        tools: _Tools | None = None if self._coalesce else getattr(channel, "relay_tools", None)
+        if tools is None:
+            transport = None if self._coalesce else getattr(channel, "transport", None)
+            send_now = sender(transport)
+            # A plain TCP client: once the head is out, each chunk of a chunked body goes
+            # straight to the socket (see _write_chunk); a body that came whole goes out with
+            # its head in one send (see start).
+            write_now = writer(transport)
+            tools = (send_now, write_now, corker(transport) if write_now is not None else None)
+            if not self._coalesce and hasattr(channel, "relay_tools"):
+                channel.relay_tools = tools
+        self._send_now: Callable[[], None] | None = tools[0]
+        self._write_now: Callable[[bytes], None] | None = tools[1]
+        self._corker: Cork | None = tools[2]
 
     def start(self) -> None:
         """Ask the response for its body; bytes flow from the next reactor turn on."""
