@@ -51,8 +51,9 @@ from zope.interface import implementer
 from oaiproxy.errors import HeadersTooLarge, InvalidRequest, ProxyError, RequestTimeout
 from oaiproxy.http.chunked import ChunkedDecoder, MalformedChunkedData
 from oaiproxy.http.early import early_error_response, new_request_id
-from oaiproxy.http.headers import MAX_KEPT_NAME, canonical
+from oaiproxy.http.headers import CANONICAL_NAMES, canonical
 from oaiproxy.http.nodelay import set_no_delay
+from oaiproxy.http.sendnow import SendTools, send_tools
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
@@ -82,11 +83,9 @@ _KNOWN_METHODS = frozenset((b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD
 
 _VERSIONS = frozenset((b"HTTP/1.1", b"HTTP/1.0"))
 
-# Canonical header names by name as received (checked tokens, at most 64 bytes), for the
-# fields read most often; the table stops growing at _MAX_NAMES. The framing fields are
-# checked each time.
-_NAMES: dict[bytes, bytes] = {}
-_MAX_NAMES = 2048
+# Header names known to be tokens, and their canonical forms (the one table of them, kept by
+# headers.canonical). A field named there is taken as it is, unless it frames the body.
+_NAMES = CANONICAL_NAMES
 _FRAMING = frozenset((b"Content-Length", b"Transfer-Encoding"))
 
 
@@ -164,9 +163,9 @@ class H1Channel(Protocol):
     abortTimeout = 15
     #: The header values of every request read here are free of CR, LF and NUL.
     values_checked = True
-    #: The relay's ways of sending on this connection, made by the first relay (see
-    #: L{oaiproxy.http.relay.Relay}).
-    relay_tools: Any = None
+    #: The ways of sending on this connection at once (L{sendnow.send_tools}), for the
+    #: relay; made when it connects.
+    send_tools: SendTools | None = None
     requestFactory: Any = None
     site: Any = None
     factory: Any = None
@@ -224,6 +223,7 @@ class H1Channel(Protocol):
         # Small writes (a response head, an SSE event) must not wait on the client's
         # delayed ACK: Nagle off, as Twisted's HTTPChannel does (TLS included).
         set_no_delay(transport)
+        self.send_tools = send_tools(transport)
         transport.registerProducer(self, True)
         self._arm_idle()
 
@@ -278,7 +278,7 @@ class H1Channel(Protocol):
         self._abort_call = None
         self._decoder = None
         self._buffer = b""
-        self.relay_tools = None  # they hold the transport
+        self.send_tools = None  # they hold the transport
         request, self._request = self._request, None
         if request is not None:
             request.connectionLost(reason)
@@ -443,6 +443,7 @@ class H1Channel(Protocol):
         names = _NAMES
         for line in lines[1:]:
             raw_name, colon, value = line.partition(b":")
+            value = value.strip(b" \t")
             name = names.get(raw_name) if colon else None
             if name is None or name in _FRAMING:
                 error = _field_error(line, version)
@@ -450,13 +451,6 @@ class H1Channel(Protocol):
                     self._refuse(error)
                     return False
                 name = canonical(raw_name)
-                value = value.strip(b" \t")
-                if (
-                    len(names) < _MAX_NAMES
-                    and len(raw_name) <= MAX_KEPT_NAME
-                    and name not in _FRAMING
-                ):
-                    names[raw_name] = name
                 if name == b"Content-Length":
                     if length is not None or chunked:
                         self._refuse(InvalidRequest("invalid Content-Length"))
@@ -467,8 +461,6 @@ class H1Channel(Protocol):
                         self._refuse(InvalidRequest("the request is not valid HTTP/1.1"))
                         return False
                     chunked = True
-            else:
-                value = value.strip(b" \t")
             raw.setdefault(name, []).append(value)
         if has_nul:
             self._refuse(InvalidRequest("invalid header value"))

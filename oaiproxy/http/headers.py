@@ -17,6 +17,7 @@ from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from oaiproxy.errors import InvalidRequest
 
 __all__ = [
+    "CANONICAL_NAMES",
     "FORWARDED_ALLOW",
     "FORWARDED_METHODS",
     "HOP_BY_HOP",
@@ -104,10 +105,11 @@ def is_valid_reason(phrase: bytes) -> bool:
     return len(phrase.translate(None, _NOT_REASON)) == len(phrase)
 
 
-# Canonical names (Twisted's Headers form) by name as given, for names up to 64 bytes; the
-# table stops growing at _MAX_CANONICAL. A dictionary look-up costs far less than a call of
-# Twisted's encoder per field.
-_CANONICAL: dict[bytes, bytes] = {}
+#: Canonical names (Twisted's Headers form) by name as given: only tokens, none over
+#: L{MAX_KEPT_NAME} bytes; it stops growing at 2,048 names. Filled by L{canonical}; read
+#: elsewhere (a dictionary look-up costs far less than a call per field), never written.
+CANONICAL_NAMES: dict[bytes, bytes] = {}
+_CANONICAL = CANONICAL_NAMES  # the name this module uses
 _MAX_CANONICAL = 2048
 
 

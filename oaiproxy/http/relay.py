@@ -41,7 +41,7 @@ from oaiproxy.http.headers import (
     raw_values,
     set_checked,
 )
-from oaiproxy.http.sendnow import Cork, corker, sender, writer
+from oaiproxy.http.sendnow import Cork, SendTools, send_tools
 from oaiproxy.http.stall import StallWatch
 
 __all__ = ["Relay", "abort_downstream", "downstream_backlog"]
@@ -81,10 +81,6 @@ def downstream_backlog(request: Request) -> int | None:
             return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
         transport = getattr(transport, "transport", None)
     return None
-
-
-# What a relay sends with on an HTTP/1.1 connection: see Relay.__init__.
-_Tools = tuple[Callable[[], None] | None, Callable[[bytes], None] | None, Cork | None]
 
 
 def _nothing() -> None:
@@ -152,19 +148,13 @@ class Relay(Protocol):
         # its chunks joined by the decoder) is written and sent at once.
         channel: Any = request.channel
         self._coalesce = isinstance(channel, H2Stream)
-        # An HTTP/1.1 client connection (plain or TLS): what is relayed is sent at once (made
-        # once per connection, kept on its channel).
-        tools: _Tools | None = None if self._coalesce else getattr(channel, "relay_tools", None)
+        # An HTTP/1.1 client connection (plain or TLS): what is relayed is sent at once. A
+        # plain TCP client: once the head is out, each chunk of a chunked body goes straight
+        # to the socket (see _write_chunk); a body that came whole goes out with its head in
+        # one send (see start). H1Channel makes these once per connection.
+        tools: SendTools | None = getattr(channel, "send_tools", None)
         if tools is None:
-            transport = None if self._coalesce else getattr(channel, "transport", None)
-            send_now = sender(transport)
-            # A plain TCP client: once the head is out, each chunk of a chunked body goes
-            # straight to the socket (see _write_chunk); a body that came whole goes out with
-            # its head in one send (see start).
-            write_now = writer(transport)
-            tools = (send_now, write_now, corker(transport) if write_now is not None else None)
-            if not self._coalesce and hasattr(channel, "relay_tools"):
-                channel.relay_tools = tools
+            tools = send_tools(None if self._coalesce else getattr(channel, "transport", None))
         self._send_now: Callable[[], None] | None = tools[0]
         self._write_now: Callable[[bytes], None] | None = tools[1]
         self._corker: Cork | None = tools[2]

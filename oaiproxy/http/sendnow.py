@@ -26,7 +26,7 @@ from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport
 
-__all__ = ["Cork", "corker", "sender", "writer"]
+__all__ = ["Cork", "SendTools", "corker", "send_tools", "sender", "writer"]
 
 
 def sender(transport: Any) -> Callable[[], None] | None:
@@ -113,6 +113,16 @@ class Cork:
 def corker(transport: Any) -> Cork | None:
     """A L{Cork} for C{transport} if it is a plain TCP connection; else C{None}."""
     return Cork(transport) if _plain_tcp(transport) else None
+
+
+#: A connection's L{sender}, L{writer} and L{corker} (the last two only for plain TCP).
+SendTools = tuple[Callable[[], None] | None, Callable[[bytes], None] | None, "Cork | None"]
+
+
+def send_tools(transport: Any) -> SendTools:
+    """C{transport}'s L{sender}, L{writer} and L{corker}: made once per connection."""
+    write_now = writer(transport)
+    return sender(transport), write_now, corker(transport) if write_now is not None else None
 
 
 def _plain_tcp(transport: Any) -> bool:
