@@ -154,10 +154,12 @@ def start_oaiproxy(
     *,
     name: str = "oaiproxy",
     keepalive: float | None = UPSTREAM_KEEPALIVE,
+    extra: tuple[str, ...] = (),
 ) -> Child:
     """
     oaiproxy under twistd: a plain HTTP/1.1 listener, a TLS one (h2, http/1.1) unless
-    C{tls_port} is None, one upstream; C{keepalive} None keeps the proxy's default.
+    C{tls_port} is None, one upstream; C{keepalive} None keeps the proxy's default;
+    C{extra} options added at the end.
     """
     argv = [
         str(_VENV_BIN / "twistd"),
@@ -177,6 +179,7 @@ def start_oaiproxy(
         argv += ["--listen", f"ssl:{tls_port}:selfsigned:interface=127.0.0.1"]
     if keepalive is not None:
         argv += ["--upstream-keepalive", f"{keepalive:g}"]
+    argv += extra
     child = _spawn(name, argv, workdir, _python_env())
     wait_for_port(http_port, proc=child.proc)
     if tls_port is not None:

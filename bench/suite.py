@@ -175,6 +175,7 @@ class _Targets:
     nginx_http: int = 0
     nginx_tls: int = 0
     http_4s: int = 0
+    http_busy: int = 0
     floors: dict[str, int] = field(default_factory=dict)
 
 
@@ -186,6 +187,11 @@ FLOORS = {
     "floor-agent": "twisted.web + Agent",
     "floor-epoll": "pure-Python epoll byte relay (no Twisted)",
 }
+
+#: The busy-polling oaiproxy of measurement 2: microseconds it polls before sleeping
+#: (C{--busy-poll-us}; the default is 0). A millisecond covers the mock's answer at one
+#: connection, so the proxy never sleeps there (see bench/FINDINGS.md).
+BUSY_POLL_US = 1000
 
 #: The floor proxies that can relay a stream (the minimal client reads by Content-Length).
 _STREAMING_FLOORS = ("floor-raw", "floor-agent", "floor-epoll")
@@ -285,8 +291,8 @@ class Bench:
         self.load_average = os.getloadavg()[0]
         self.source = source_version()
         p = self.ports
-        p.mock, p.http, p.tls, p.nginx_http, p.nginx_tls, p.http_4s = (
-            free_port() for _ in range(6)
+        p.mock, p.http, p.tls, p.nginx_http, p.nginx_tls, p.http_4s, p.http_busy = (
+            free_port() for _ in range(7)
         )
         self.mock = start_mock(self.workdir, p.mock)
         self.children.append(self.mock)
@@ -303,6 +309,20 @@ class Bench:
         self.children.append(proxy_4s)
         self.others["oaiproxy-4s"] = proxy_4s
         self._command("oaiproxy-4s", proxy_4s.argv, "PYTHONPATH=<repo> ")
+        # A third, polling before it sleeps, for measurement 2 only (idle otherwise: it polls
+        # only after an event, for a millisecond at most).
+        busy = start_oaiproxy(
+            self.workdir,
+            p.http_busy,
+            None,
+            p.mock,
+            state,
+            name="oaiproxy-busy",
+            extra=("--busy-poll-us", str(BUSY_POLL_US)),
+        )
+        self.children.append(busy)
+        self.others["oaiproxy-busy"] = busy
+        self._command("oaiproxy-busy", busy.argv, "PYTHONPATH=<repo> ")
         cert, key = state / "selfsigned-cert.pem", state / "selfsigned-key.pem"
         self.nginx, conf = start_nginx(
             self.workdir,
@@ -425,6 +445,7 @@ class Bench:
             "nginx": p.nginx_http,
             "oaiproxy": p.http,
             "oaiproxy-4s": p.http_4s,
+            "oaiproxy-busy": p.http_busy,
         }[target]
 
     # -- the run --------------------------------------------------------------------------
@@ -566,16 +587,20 @@ class Bench:
         """
         s = self.settings
         script = self._chat_script()
-        targets = ("direct", "nginx", "oaiproxy", *FLOORS)
+        targets = ("direct", "nginx", "oaiproxy", "oaiproxy-busy", *FLOORS)
         rounds: dict[str, list[WrkResult]] = {t: [] for t in targets}
+        # Each proxy's CPU in its own runs, in percent of one core.
+        cpu: dict[str, list[float]] = {"oaiproxy": [], "oaiproxy-busy": []}
         for target in targets:
             self._wrk(target, script, connections=1, threads=1, seconds=1, record_command=False)
         for _ in range(s.single_rounds):
             for target in targets:
-                result, _ = self._wrk(
+                result, used = self._wrk(
                     target, script, connections=1, threads=1, seconds=s.single_seconds
                 )
                 rounds[target].append(result)
+                if target in cpu:
+                    cpu[target].append(used.get(target, 0.0))
         p50: dict[str, float] = {}
         for target in targets:
             runs = rounds[target]
@@ -615,6 +640,22 @@ class Bench:
                 "; ".join(f"{FLOORS[f]} +{p50[f] - d:.2f} ms" for f in FLOORS),
                 "",
                 "info",
+            )
+        )
+        b = p50["oaiproxy-busy"]
+        self._row(
+            Row(
+                "2",
+                f"p50 latency, 1 connection, oaiproxy with --busy-poll-us {BUSY_POLL_US} (not the "
+                "default: it polls for events before sleeping; same rounds)",
+                "-",
+                "-",
+                f"{_fmt_ms(b)} ({b - d:+.2f})",
+                f"oaiproxy --busy-poll-us {BUSY_POLL_US} adds {b - d:.2f} ms; its CPU "
+                f"{statistics.median(cpu['oaiproxy-busy']):.0f}% of one core against the "
+                f"default's {statistics.median(cpu['oaiproxy']):.0f}%",
+                "<= 0.30 ms",
+                f"{_status(b - d <= 0.30)} (option)",
             )
         )
 

@@ -18,6 +18,16 @@ as Twisted hands it), without the branches for other events and the call itself:
 the instructions per relayed event (C{bench/ab.py chunk-instructions}: 40,933 to 39,192).
 Every other event goes through C{_doReadOrWrite}.
 
+Optionally (C{busy_poll}, off by default), the loop polls before it sleeps: when no socket is
+ready, it asks epoll again without waiting, for up to that many seconds, and only then
+waits. A proxy at low load sleeps between every two events, and on a virtual machine whose
+guest kernel does not poll before halting an idle CPU (no C{haltpoll} cpuidle driver: this
+one's C{/sys/devices/system/cpu/cpuidle/current_driver} says C{none}), waking a halted CPU
+costs tens to hundreds of microseconds per event. Polling keeps the proxy's CPU awake for the
+answer it is about to get, for CPU it would otherwise leave idle: at one connection, up to
+one core. Under load there is always a socket ready and the loop never spins. See
+C{docs/configuration.md} (C{Runtime.busy_poll_us}) and C{bench/FINDINGS.md}.
+
 Written against Twisted 26.10.0 (C{EPollReactor.doPoll}, its private C{_poller},
 C{_selectables}, C{_doReadOrWrite} and C{_disconnectSelectable}): installed only on that
 reactor class, unchanged.
@@ -27,6 +37,8 @@ from __future__ import annotations
 
 import errno
 import sys
+import time
+from collections.abc import Callable
 from functools import partial
 from select import EPOLLIN
 from typing import Any
@@ -35,7 +47,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
 from twisted.python import log as legacy_log
 
-__all__ = ["install_quiet_dispatch"]
+__all__ = ["install_quiet_dispatch", "wait_for_events"]
 
 log = Logger()
 
@@ -46,30 +58,75 @@ _READABLE = EPOLLIN
 _TWISTEDS_DO_POLL = EPollReactor.doPoll
 
 
-def install_quiet_dispatch(reactor: Any) -> bool:
+def install_quiet_dispatch(
+    reactor: Any, busy_poll: float = 0.0, clock: Callable[[], float] = time.perf_counter
+) -> bool:
     """
     Make C{reactor} dispatch socket events without the legacy log context, if it is
     Twisted's epoll reactor with its own C{doPoll}. Returns whether it was installed.
+
+    @param busy_poll: seconds to poll without waiting, when no socket is ready, before
+        waiting (0: wait at once, as Twisted does).
+    @param clock: monotonic seconds, bounding that polling (the loop's own, not a timer).
     """
+    if busy_poll < 0:
+        raise ValueError(f"busy_poll must be 0 or more seconds, not {busy_poll!r}")
     if type(reactor) is not EPollReactor or type(reactor).doPoll is not _TWISTEDS_DO_POLL:
+        if busy_poll:
+            log.warn(
+                "busy polling is off: it needs Twisted's epoll reactor, not {reactor}",
+                reactor=type(reactor).__name__,
+            )
         return False
     tuned: Any = reactor  # instance attributes shadow the class's loop
-    if getattr(tuned, "_oaiproxy_quiet_dispatch", False):
-        return True
-    tuned.doIteration = tuned.doPoll = partial(_do_poll, reactor)
-    tuned._oaiproxy_quiet_dispatch = True
+    tuned.doIteration = tuned.doPoll = partial(_do_poll, reactor, busy_poll, clock)
     return True
 
 
-def _do_poll(reactor: Any, timeout: float | None) -> None:
+def wait_for_events(
+    poll: Callable[[float, int], list[tuple[int, int]]],
+    maxevents: int,
+    timeout: float,
+    busy_poll: float,
+    clock: Callable[[], float],
+) -> list[tuple[int, int]]:
+    """
+    The ready events, as C{poll(timeout, maxevents)} (epoll's; C{timeout} -1 for none)
+    returns them; with C{busy_poll}, polled for without waiting for up to that many seconds
+    (never past C{timeout}) before waiting for the rest of C{timeout}.
+    """
+    if busy_poll <= 0 or timeout == 0:
+        return poll(timeout, maxevents)
+    events = poll(0, maxevents)
+    if events:
+        return events
+    spin = busy_poll if timeout < 0 else min(busy_poll, timeout)
+    start = clock()
+    end = start + spin
+    now = start
+    while now < end:
+        events = poll(0, maxevents)
+        if events:
+            return events
+        now = clock()
+    if timeout < 0:
+        return poll(-1, maxevents)
+    return poll(max(0.0, timeout - (now - start)), maxevents)
+
+
+def _do_poll(
+    reactor: Any, busy_poll: float, clock: Callable[[], float], timeout: float | None
+) -> None:
     """
     Twisted 26.10.0's C{EPollReactor.doPoll}, without C{log.callWithLogger}, plain read
-    events handled inline.
+    events handled inline; optionally polling before waiting (L{wait_for_events}).
     """
     if timeout is None:
         timeout = -1  # wait indefinitely
     try:
-        events = reactor._poller.poll(timeout, len(reactor._selectables))
+        events = wait_for_events(
+            reactor._poller.poll, len(reactor._selectables), timeout, busy_poll, clock
+        )
     except OSError as err:
         if err.errno == errno.EINTR:
             return

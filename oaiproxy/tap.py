@@ -110,6 +110,9 @@ class Options(usage.Options):
          "Seconds a response may wait on a client that reads nothing (0 disables)."],
         ["gc-threshold", None, str(Runtime().gc_threshold),
          "Garbage collector's young threshold (Python's default 700; 0 leaves it as is)."],
+        ["busy-poll-us", None, str(Runtime().busy_poll_us),
+         "Microseconds to poll for events before sleeping (0: sleep at once). Lower latency "
+         "at low load, for CPU."],
     ]  # fmt: skip
 
     def __init__(self) -> None:
@@ -175,6 +178,7 @@ def config_from_options(options: Any) -> ProxyConfig:
         runtime=Runtime(
             gc_threshold=_whole(options, "gc-threshold") or None,
             gc_freeze=not options["no-gc-freeze"],
+            busy_poll_us=_whole(options, "busy-poll-us"),
         ),
     )
 
@@ -192,9 +196,10 @@ def makeService(options: Options) -> IService:
         service = build_service(options.config, reactor)
     except ConfigError as e:
         raise SystemExit(f"oaiproxy: {e}") from None
-    # A quarter fewer instructions per relayed event (see oaiproxy/reactortune.py).
-    install_quiet_dispatch(reactor)
-    # No full collection scanning the start-up heap under load (see oaiproxy/gctune.py).
     runtime = options.config.runtime
+    # A quarter fewer instructions per relayed event, and the optional polling before
+    # sleeping (see oaiproxy/reactortune.py).
+    install_quiet_dispatch(reactor, busy_poll=runtime.busy_poll_us / 1e6)
+    # No full collection scanning the start-up heap under load (see oaiproxy/gctune.py).
     tune_collector(reactor, threshold=runtime.gc_threshold, freeze=runtime.gc_freeze)
     return service

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
@@ -16,7 +17,7 @@ from twisted.python import log as legacy_log
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from oaiproxy.reactortune import install_quiet_dispatch
+from oaiproxy.reactortune import install_quiet_dispatch, wait_for_events
 
 
 @implementer(IReadDescriptor)
@@ -102,12 +103,38 @@ class QuietDispatchTests(SynchronousTestCase):
         return reader, theirs
 
     def test_installed_on_epoll(self) -> None:
-        """Twisted's epoll reactor gets the loop; installing twice changes nothing."""
+        """Twisted's epoll reactor gets the loop; installing again replaces it, never wraps it."""
         self.assertTrue(install_quiet_dispatch(self.reactor))
         loop = self.reactor.doIteration
-        self.assertTrue(install_quiet_dispatch(self.reactor))
-        self.assertIs(self.reactor.doIteration, loop)
         self.assertIs(self.reactor.doPoll, loop)
+        self.assertEqual(loop.args[1:], (0.0, time.perf_counter))
+        self.assertTrue(install_quiet_dispatch(self.reactor, busy_poll=0.0002))
+        again = self.reactor.doIteration
+        self.assertIs(self.reactor.doPoll, again)
+        self.assertIs(again.func, loop.func)
+        self.assertEqual(again.args[1], 0.0002)
+
+    def test_negative_busy_poll_refused(self) -> None:
+        """A negative polling time is a programming error, said at once."""
+        self.assertRaises(ValueError, install_quiet_dispatch, self.reactor, -1.0)
+
+    def test_busy_poll_elsewhere_warned(self) -> None:
+        """Busy polling asked of a reactor that cannot have it is said in the log."""
+        events = self.observe()
+        self.assertFalse(install_quiet_dispatch(MemoryReactorClock(), busy_poll=0.001))
+        self.assertEqual(len(events), 1)
+        self.assertIn("busy polling is off", events[0]["log_format"])
+        self.assertEqual(events[0]["reactor"], "MemoryReactorClock")
+        self.assertFalse(install_quiet_dispatch(MemoryReactorClock()))
+        self.assertEqual(len(events), 1)
+
+    def test_busy_poll_iteration_reads_a_ready_socket(self) -> None:
+        """With busy polling on, a real iteration still reads what is ready, without waiting."""
+        install_quiet_dispatch(self.reactor, busy_poll=0.0005)
+        reader, theirs = self.pair()
+        theirs.send(b"ping")
+        self.reactor.doIteration(5)
+        self.assertEqual(reader.read, [b"ping"])
 
     def test_not_installed_elsewhere(self) -> None:
         """Any other reactor is left as it is."""
@@ -254,3 +281,85 @@ class QuietDispatchTests(SynchronousTestCase):
         self.addCleanup(setattr, self.reactor, "_poller", real)
         self.reactor._poller = Interrupted()
         self.reactor.doIteration(0)
+
+
+class _Poller:
+    """
+    A scripted C{epoll.poll}: records each call's timeout; answers C{ready} on the call
+    numbered C{ready_on} (from 0), nothing on the others. Each call moves C{clock} on by
+    C{step} seconds, as a real poll takes time.
+    """
+
+    def __init__(self, clock: list[float], step: float, ready_on: int | None = None) -> None:
+        self.clock = clock
+        self.step = step
+        self.ready_on = ready_on
+        self.timeouts: list[float] = []
+
+    def poll(self, timeout: float, maxevents: int) -> list[tuple[int, int]]:
+        self.timeouts.append(timeout)
+        self.clock[0] += self.step
+        if len(self.timeouts) - 1 == self.ready_on:
+            return [(7, 1)]
+        return []
+
+
+class BusyPollTests(SynchronousTestCase):
+    """wait_for_events: polling without waiting, bounded, before waiting."""
+
+    def wait(
+        self, timeout: float, busy_poll: float, ready_on: int | None
+    ) -> tuple[list[tuple[int, int]], list[float]]:
+        clock = [100.0]
+        poller = _Poller(clock, 0.00001, ready_on)
+        events = wait_for_events(poller.poll, 4, timeout, busy_poll, lambda: clock[0])
+        return events, poller.timeouts
+
+    def test_off_waits_at_once(self) -> None:
+        """Without busy polling: one poll with the loop's own timeout, as Twisted's."""
+        self.assertEqual(self.wait(2.5, 0.0, None), ([], [2.5]))
+        self.assertEqual(self.wait(-1, 0.0, None), ([], [-1]))
+
+    def test_zero_timeout_polls_once(self) -> None:
+        """An iteration that must not wait polls once, whatever the busy polling."""
+        self.assertEqual(self.wait(0, 0.001, None), ([], [0]))
+
+    def test_ready_while_polling_returned_without_waiting(self) -> None:
+        """Events found while polling are returned at once: no poll ever waits."""
+        events, timeouts = self.wait(2.5, 0.001, ready_on=5)
+        self.assertEqual(events, [(7, 1)])
+        self.assertEqual(timeouts, [0] * 6)
+
+    def test_ready_at_first_poll(self) -> None:
+        """Events already ready are returned by the first poll."""
+        self.assertEqual(self.wait(-1, 0.001, ready_on=0), ([(7, 1)], [0]))
+
+    def test_polling_bounded_then_waits_for_the_rest(self) -> None:
+        """Polling stops once its time is spent; the wait is the timeout less that time."""
+        events, timeouts = self.wait(2.5, 0.0001, ready_on=None)
+        self.assertEqual(events, [])
+        spins = timeouts[:-1]
+        self.assertEqual(set(spins), {0})
+        # 0.1 ms of polling at 10 us a poll: the first poll, then ten more.
+        self.assertEqual(len(spins), 11)
+        self.assertAlmostEqual(timeouts[-1], 2.5 - 0.0001, places=9)
+
+    def test_polling_never_past_the_timeout(self) -> None:
+        """A timer due before the polling would end bounds it: the last poll waits for nothing."""
+        events, timeouts = self.wait(0.00003, 0.001, ready_on=None)
+        self.assertEqual(events, [])
+        self.assertEqual(len(timeouts), 5)  # the first poll, three while polling, the last
+        self.assertEqual(timeouts[-1], 0.0)
+
+    def test_no_timeout_waits_forever_after_polling(self) -> None:
+        """With no timer due, the wait after polling has no timeout either."""
+        events, timeouts = self.wait(-1, 0.00005, ready_on=None)
+        self.assertEqual(events, [])
+        self.assertEqual(timeouts[-1], -1)
+        self.assertEqual(set(timeouts[:-1]), {0})
+
+    def test_ready_at_the_wait(self) -> None:
+        """What becomes ready after the polling is returned by the wait."""
+        events, timeouts = self.wait(1.0, 0.00005, ready_on=6)
+        self.assertEqual(events, [(7, 1)])
+        self.assertGreater(timeouts[-1], 0)

@@ -130,8 +130,12 @@ class OptionsTests(SynchronousTestCase):
         """
         import oaiproxy.tap
 
-        installed: list[object] = []
-        self.patch(oaiproxy.tap, "install_quiet_dispatch", installed.append)
+        installed: list[tuple[object, float]] = []
+        self.patch(
+            oaiproxy.tap,
+            "install_quiet_dispatch",
+            lambda reactor, *, busy_poll: installed.append((reactor, busy_poll)),
+        )
         tuned: list[tuple[object, int | None, bool]] = []
         self.patch(
             oaiproxy.tap,
@@ -139,12 +143,17 @@ class OptionsTests(SynchronousTestCase):
             lambda reactor, *, threshold, freeze: tuned.append((reactor, threshold, freeze)),
         )
         options = Options()
-        options.parseOptions(["--listen", "tcp:0", "--upstream", "http://127.0.0.1:9/v1"])
+        base = ["--listen", "tcp:0", "--upstream", "http://127.0.0.1:9/v1"]
+        options.parseOptions(base)
         makeService(options)
         from twisted.internet import reactor
 
-        self.assertEqual(installed, [reactor])
-        self.assertEqual(tuned, [(reactor, 10_000, True)])  # config.runtime's defaults
+        self.assertEqual(installed, [(reactor, 0.0)])
+        options = Options()
+        options.parseOptions([*base, "--busy-poll-us", "250"])
+        makeService(options)
+        self.assertEqual(installed[1], (reactor, 0.00025))
+        self.assertEqual(tuned[0], (reactor, 10_000, True))  # config.runtime's defaults
 
     def test_gc_options(self) -> None:
         """--gc-threshold and --no-gc-freeze reach the config; 0 leaves the threshold be."""
@@ -156,6 +165,15 @@ class OptionsTests(SynchronousTestCase):
         for bad in ("12", "lots"):
             with self.assertRaises(usage.UsageError):
                 parse(*base, "--gc-threshold", bad)
+
+    def test_busy_poll_option(self) -> None:
+        """--busy-poll-us reaches the config: 0 by default, bounded to a second."""
+        base = ["--listen", "tcp:1", "--upstream", "http://127.0.0.1:9/v1"]
+        self.assertEqual(parse(*base).runtime.busy_poll_us, 0)
+        self.assertEqual(parse(*base, "--busy-poll-us", "300").runtime.busy_poll_us, 300)
+        for bad in ("-1", "1000001", "lots"):
+            with self.assertRaises(usage.UsageError):
+                parse(*base, "--busy-poll-us", bad)
 
     def test_build_errors_end_the_start_with_a_message(self) -> None:
         """
@@ -257,8 +275,12 @@ class ProxyTacTests(SynchronousTestCase):
         import oaiproxy
         from oaiproxy.listening import Listeners
 
-        installed: list[object] = []
-        self.patch(oaiproxy, "install_quiet_dispatch", installed.append)
+        installed: list[tuple[object, float]] = []
+        self.patch(
+            oaiproxy,
+            "install_quiet_dispatch",
+            lambda reactor, *, busy_poll: installed.append((reactor, busy_poll)),
+        )
         tuned: list[tuple[object, int | None, bool]] = []
         self.patch(
             oaiproxy,
@@ -284,5 +306,6 @@ class ProxyTacTests(SynchronousTestCase):
         self.assertTrue((workdir / ".oaiproxy" / "selfsigned-cert.pem").exists())
         from twisted.internet import reactor
 
-        self.assertEqual(installed, [reactor])  # the epoll loop without the log context
+        # The epoll loop without the log context, with the tac's busy polling (none).
+        self.assertEqual(installed, [(reactor, 0.0)])
         self.assertEqual(tuned, [(reactor, 10_000, True)])  # the garbage collector set
