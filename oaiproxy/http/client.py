@@ -178,16 +178,17 @@ def _parse_head(data: bytes, head_end: int) -> _Head:
     @raise UpstreamProtocolError: if it is not a valid HTTP/1.1 response head.
     """
     raw = data[:head_end]
-    crlfs = raw.count(b"\r\n")
-    if raw.count(b"\n") == crlfs:
-        if raw.count(b"\r") != crlfs:
+    lines = raw.split(b"\r\n")
+    # What the CRLFs leave: a CR or LF there is bare (int needles: memchr, unlike counts).
+    rest = b"".join(lines)
+    if 10 not in rest:
+        if 13 in rest:
             raise UpstreamProtocolError("upstream sent an invalid response: a bare CR in its head")
-        lines = raw.split(b"\r\n")
     else:
         lines = [line[:-1] if line.endswith(b"\r") else line for line in raw.split(b"\n")]
         if any(b"\r" in line for line in lines):
             raise UpstreamProtocolError("upstream sent an invalid response: a bare CR in its head")
-    if 0 in raw:  # a NUL (an int needle is ten times faster: see requesthead._NUL)
+    if 0 in raw:  # a NUL (an int needle is ten times faster: see h1server._NUL)
         raise UpstreamProtocolError("upstream sent an invalid response: NUL in its head")
     head = _Head()
     status = lines[0].split(b" ", 2)
