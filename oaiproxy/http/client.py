@@ -869,9 +869,10 @@ class UpstreamClient:
         elif method in (b"POST", b"PUT"):
             lines.append(b"Content-Length: 0\r\n")  # as Twisted's client: they expect a body
         if headers is not None:
+            extend = lines.extend  # pieces joined once below: cheaper than formatting each
             for name, values in headers.getAllRawHeaders():
                 for value in values:
-                    lines.append(b"%s: %s\r\n" % (name, value))
+                    extend((name, b": ", value, b"\r\n"))
         lines.append(b"\r\n")
         if len(body) > _JOIN_BODY:
             # A large body (an image, an audio file) is not copied into the request's bytes.

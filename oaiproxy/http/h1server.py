@@ -117,6 +117,16 @@ def _field_error(line: bytes, version: bytes) -> ProxyError | None:
 # Whether each request factory seen takes no queued argument (INonQueuedRequestFactory).
 _NON_QUEUED: WeakKeyDictionary[Any, bool] = WeakKeyDictionary()
 
+
+def _non_queued(factory: Any) -> bool:
+    """Whether C{factory} takes no queued argument; asked of zope once per factory."""
+    known = _NON_QUEUED.get(factory)
+    if known is None:
+        # zope's providedBy of a class costs microseconds.
+        known = _NON_QUEUED[factory] = bool(INonQueuedRequestFactory.providedBy(factory))
+    return known
+
+
 # NUL as an int: CPython 3.11 looks for a bytes needle in bytes only after trying it as an
 # int and clearing the TypeError, about ten times slower.
 _NUL = 0
@@ -214,6 +224,9 @@ class H1Channel(Protocol):
         self._host: Any = None
         self._peer: Any = None
         self._secure: bool | None = None
+        # The request factory last used, and whether it takes no queued argument.
+        self._factory: Any = None
+        self._non_queued = False
 
     # -- the connection ------------------------------------------------------------------
 
@@ -468,11 +481,10 @@ class H1Channel(Protocol):
             return False
 
         factory = self.requestFactory
-        non_queued = _NON_QUEUED.get(factory)
-        if non_queued is None:
-            # Asked once per factory: zope's providedBy of a class costs microseconds.
-            non_queued = _NON_QUEUED[factory] = INonQueuedRequestFactory.providedBy(factory)
-        request = factory(self) if non_queued else factory(self, 0)
+        if factory is not self._factory:
+            self._factory = factory
+            self._non_queued = _non_queued(factory)
+        request = factory(self) if self._non_queued else factory(self, 0)
         request.requestHeaders._rawHeaders = raw  # checked as Headers.addRawHeader would
         self._request = request
         self._command, self._path, self._version = method, target, version
