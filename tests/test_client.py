@@ -562,6 +562,8 @@ class RefusedResponseTests(ClientCase):
         self.refused(b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n\r\n")
         self.refused(b"HTTP/1.1 200 OK\nX-A: a\rb\nContent-Length: 0\n\n")
         self.refused(b"HTTP/1.1 200 OK\rX-A: 1\r\nContent-Length: 0\r\n\r\n")
+        # A CR before a CRLF: removing the CRLFs leaves a CRLF behind.
+        self.refused(b"HTTP/1.1 200 OK\r\nX-A: 1\r\r\nContent-Length: 0\r\n\r\n")
 
     def test_nul(self) -> None:
         """A NUL in a head is refused."""

@@ -86,6 +86,9 @@ class RefusalTests(SynchronousTestCase):
             b"GET /v1/models HTTP/1.1\r\nHost: x\n\r\n",
             b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: 1\n",
             b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-B: a\rb\r\n\r\n",
+            # A CR before a CRLF, a LF after one: removing the CRLFs leaves a CRLF behind.
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\r\n\nX-C: 1\r\n\r\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\r\n\r\n",
         ):
             harness = make_harness()
             error = self.refused(raw, 400, "invalid_request", harness)

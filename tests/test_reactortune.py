@@ -128,13 +128,35 @@ class QuietDispatchTests(SynchronousTestCase):
         self.assertFalse(install_quiet_dispatch(MemoryReactorClock()))
         self.assertEqual(len(events), 1)
 
-    def test_busy_poll_iteration_reads_a_ready_socket(self) -> None:
-        """With busy polling on, a real iteration still reads what is ready, without waiting."""
-        install_quiet_dispatch(self.reactor, busy_poll=0.0005)
+    def test_busy_poll_iteration_reads_what_arrives_while_polling(self) -> None:
+        """
+        With busy polling on, a real epoll iteration reads bytes that arrive while it polls,
+        without a poll that waits: the clock sends them on its third reading.
+        """
         reader, theirs = self.pair()
-        theirs.send(b"ping")
+        readings: list[float] = []
+
+        def clock() -> float:
+            readings.append(0.0)
+            if len(readings) == 3:
+                theirs.send(b"ping")
+            return len(readings) * 1e-6
+
+        install_quiet_dispatch(self.reactor, busy_poll=60.0, clock=clock)
+        timeouts: list[float] = []
+        real = self.reactor._poller
+
+        class Recording:
+            def poll(self, timeout: float, maxevents: int) -> list[tuple[int, int]]:
+                timeouts.append(timeout)
+                return real.poll(timeout, maxevents)  # type: ignore[no-any-return]
+
+        self.reactor._poller = Recording()
+        self.addCleanup(setattr, self.reactor, "_poller", real)
         self.reactor.doIteration(5)
         self.assertEqual(reader.read, [b"ping"])
+        self.assertEqual(set(timeouts), {0})
+        self.assertEqual(len(readings), 3)
 
     def test_not_installed_elsewhere(self) -> None:
         """Any other reactor is left as it is."""
@@ -342,7 +364,25 @@ class BusyPollTests(SynchronousTestCase):
         self.assertEqual(set(spins), {0})
         # 0.1 ms of polling at 10 us a poll: the first poll, then ten more.
         self.assertEqual(len(spins), 11)
-        self.assertAlmostEqual(timeouts[-1], 2.5 - 0.0001, places=9)
+        # 2.4999 s left, waited in whole milliseconds rounded down (epoll rounds up).
+        self.assertEqual(timeouts[-1], 2.499)
+
+    def test_wait_rounded_down_to_whole_milliseconds(self) -> None:
+        """The wait after polling never ends after the timer: whole milliseconds, rounded down."""
+        for timeout in (0.0057, 0.0123456, 1.0):
+            _events, timeouts = self.wait(timeout, 0.0001, ready_on=None)
+            left = timeouts[-1]
+            self.assertEqual(round(left * 1000), left * 1000)
+            self.assertLessEqual(left, timeout - 0.0001)
+            self.assertGreater(left, timeout - 0.0001 - 0.001)
+
+    def test_clock_going_backwards_ends_the_polling(self) -> None:
+        """A clock that goes backwards cannot keep the loop polling: it waits at once."""
+        times = iter([100.0, 99.0])
+        poller = _Poller([0.0], 0.0, None)
+        events = wait_for_events(poller.poll, 4, 2.0, 0.001, lambda: next(times))
+        self.assertEqual(events, [])
+        self.assertEqual(poller.timeouts, [0, 0, 0.0])
 
     def test_polling_never_past_the_timeout(self) -> None:
         """A timer due before the polling would end bounds it: the last poll waits for nothing."""
