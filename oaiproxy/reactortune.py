@@ -18,6 +18,15 @@ as Twisted hands it), without the branches for other events and the call itself:
 the instructions per relayed event (C{bench/ab.py chunk-instructions}: 40,933 to 39,192).
 Every other event goes through C{_doReadOrWrite}.
 
+The main loop around it (C{mainLoop}) calls C{runUntilCurrent} and C{timeout} only when
+they have work: a thread call queued, a timed call new or due, cancelled calls to sweep, a
+stop asked for. Otherwise it computes the wait itself, from the heap's first call, as
+C{timeout} does. Twisted's loop made five Python calls per turn (its error handler's
+C{__enter__} and C{__exit__}, C{runUntilCurrent}, C{timeout}, and C{_insertNewDelayedCalls}
+twice): 10% of the instructions per relayed event (C{bench/ab.py chunk-instructions}:
+38,596 to 34,539). It is installed only where C{mainLoop}, C{runUntilCurrent} and
+C{timeout} use exactly the names Twisted 26.10.0's do; another Twisted keeps its own loop.
+
 Optionally (C{busy_poll}, off by default), the loop polls before it sleeps: when no socket is
 ready, it asks epoll again without waiting, for up to that many seconds, and only then
 waits. A proxy at low load sleeps between every two events, and on a virtual machine whose
@@ -81,7 +90,110 @@ def install_quiet_dispatch(
         return False
     tuned: Any = reactor  # instance attributes shadow the class's loop
     tuned.doIteration = tuned.doPoll = partial(_do_poll, reactor, busy_poll, clock)
+    if _loop_as_written_for(type(reactor)):
+        tuned.mainLoop = partial(_main_loop, reactor)
     return True
+
+
+#: The names Twisted 26.10.0's C{mainLoop}, C{runUntilCurrent} and C{timeout} use: a
+#: Twisted whose loop uses others (new state to look at) keeps its own loop.
+_LOOP_NAMES = {
+    "mainLoop": frozenset(
+        [
+            "_log",
+            "_started",
+            "_topHandler",
+            "doIteration",
+            "info",
+            "runUntilCurrent",
+            "running",
+            "timeout",
+        ]
+    ),
+    "runUntilCurrent": frozenset(
+        [
+            "_DEFAULT_DELAYED_CALL_LOGGING_HANDLER",
+            "_cancellations",
+            "_insertNewDelayedCalls",
+            "_justStopped",
+            "_log",
+            "_pendingTimedCalls",
+            "_threadCallHandler",
+            "activate_delay",
+            "args",
+            "called",
+            "cancelled",
+            "creator",
+            "delayed_time",
+            "failuresHandled",
+            "fireSystemEvent",
+            "func",
+            "heapify",
+            "heappop",
+            "heappush",
+            "kw",
+            "len",
+            "seconds",
+            "threadCallQueue",
+            "time",
+            "wakeUp",
+        ]
+    ),
+    "timeout": frozenset(
+        ["_insertNewDelayedCalls", "_pendingTimedCalls", "max", "min", "seconds", "time"]
+    ),
+}
+
+
+def _loop_as_written_for(cls: type) -> bool:
+    """Whether C{cls}'s main loop is Twisted's own and uses what 26.10.0's does."""
+    for name, names in _LOOP_NAMES.items():
+        method = getattr(cls, name, None)
+        code = getattr(method, "__code__", None)
+        if code is None or frozenset(code.co_names) != names:
+            return False
+    return True
+
+
+#: The longest wait epoll takes (2 ** 31 milliseconds), as Twisted's C{timeout} bounds it.
+_LONGEST = 2147483
+
+
+def _main_loop(reactor: Any) -> None:
+    """
+    Twisted 26.10.0's C{ReactorBase.mainLoop}, with what C{runUntilCurrent} and C{timeout}
+    do when there is nothing for them to do taken inline: no thread call queued, no timed
+    call new or due, no heap of cancelled calls to sweep, no stop asked for. Then a turn of
+    the loop makes no Python call but the poll's: 10% fewer instructions per relayed event.
+    An error escaping a turn is logged as Twisted's loop logs it, and the loop goes on.
+    """
+    seconds = reactor.seconds
+    while reactor._started:
+        try:
+            while reactor._started:
+                pending = reactor._pendingTimedCalls
+                cancelled = reactor._cancellations
+                if (
+                    reactor.threadCallQueue
+                    or reactor._newTimedCalls
+                    or (pending and pending[0].time <= seconds())
+                    or (cancelled > 50 and cancelled > len(pending) >> 1)
+                    or reactor._justStopped
+                ):
+                    reactor.runUntilCurrent()
+                    if reactor._newTimedCalls:  # made by the calls just run
+                        reactor._insertNewDelayedCalls()
+                    pending = reactor._pendingTimedCalls  # the sweep makes a new list
+                if not reactor.running:
+                    timeout: float | None = 0
+                elif pending:
+                    timeout = max(0, min(_LONGEST, pending[0].time - seconds()))
+                else:
+                    timeout = None
+                reactor.doIteration(timeout)
+        except BaseException:
+            log.failure("Unexpected error in main loop")
+    log.info("Main loop terminated.")
 
 
 def wait_for_events(

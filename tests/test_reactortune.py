@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import threading
 import time
 from typing import Any
 
@@ -17,7 +18,12 @@ from twisted.python import log as legacy_log
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from oaiproxy.reactortune import install_quiet_dispatch, wait_for_events
+from oaiproxy.reactortune import (
+    _loop_as_written_for,
+    _main_loop,
+    install_quiet_dispatch,
+    wait_for_events,
+)
 
 
 @implementer(IReadDescriptor)
@@ -403,3 +409,172 @@ class BusyPollTests(SynchronousTestCase):
         events, timeouts = self.wait(1.0, 0.00005, ready_on=6)
         self.assertEqual(events, [(7, 1)])
         self.assertGreater(timeouts[-1], 0)
+
+
+class MainLoopTests(SynchronousTestCase):
+    """The main loop with runUntilCurrent's and timeout's idle work inline, on a real reactor."""
+
+    def setUp(self) -> None:
+        reactor: Any = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.addCleanup(reactor.waker.connectionLost, None)
+        self.assertTrue(install_quiet_dispatch(reactor))
+        self.reactor = reactor
+        # What each turn asked of the poll, and how often Twisted's runUntilCurrent ran.
+        self.timeouts: list[float | None] = []
+        self.runs = 0
+        loop, run_until_current = reactor.doIteration, reactor.runUntilCurrent
+
+        def iteration(timeout: float | None) -> None:
+            self.timeouts.append(timeout)
+            loop(timeout)
+
+        def counted() -> None:
+            self.runs += 1
+            run_until_current()
+
+        reactor.doIteration = iteration
+        reactor.runUntilCurrent = counted
+
+    def run_reactor(self) -> None:
+        """Run the reactor until something stops it (a test bug fails at 10 s)."""
+        guard = self.reactor.callLater(10, self.reactor.stop)
+        self.reactor.run(installSignalHandlers=False)
+        self.assertTrue(guard.active(), "the reactor ran until the guard stopped it")
+        guard.cancel()
+
+    def test_installed(self) -> None:
+        """install_quiet_dispatch gives the reactor this loop."""
+        self.assertIs(self.reactor.mainLoop.func, _main_loop)
+
+    def test_timed_calls_run_in_order(self) -> None:
+        """Timed calls, and calls they make, run in their order; stop ends the loop."""
+        seen: list[str] = []
+        self.reactor.callLater(0.002, seen.append, "second")
+        self.reactor.callLater(0, lambda: self.reactor.callLater(0, seen.append, "made"))
+        self.reactor.callLater(0, seen.append, "first")
+        self.reactor.callLater(0.004, self.reactor.stop)
+        self.run_reactor()
+        self.assertEqual(seen, ["first", "made", "second"])
+
+    def test_wait_is_the_next_timer(self) -> None:
+        """A turn waits until the next timer is due: 5 s here, cut short by a socket."""
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        reactor = self.reactor
+
+        class Stopper(_Reader):
+            def doRead(self) -> None:
+                super().doRead()
+                reactor.stop()
+
+        stopper = Stopper(ours)
+        reactor.addReader(stopper)
+        self.addCleanup(reactor.removeReader, stopper)
+
+        def later() -> None:
+            reactor.callLater(5, len, "")
+            theirs.send(b"x")
+
+        reactor.callLater(0, later)
+        self.run_reactor()
+        self.assertEqual(stopper.read, [b"x"])
+        waits = [t for t in self.timeouts if t is not None and t > 1]
+        self.assertEqual(len(waits), 1, self.timeouts)
+        self.assertTrue(4.9 < waits[0] <= 5, waits)
+
+    def test_idle_turns_skip_run_until_current(self) -> None:
+        """Turns with nothing due, queued or new do not call runUntilCurrent."""
+        reader_ours, theirs = socket.socketpair()
+        self.addCleanup(reader_ours.close)
+        self.addCleanup(theirs.close)
+        reader = _Reader(reader_ours)
+        self.reactor.addReader(reader)
+        self.addCleanup(self.reactor.removeReader, reader)
+        pokes = 20
+
+        def poke() -> None:
+            # Bytes for the next turns to read, with no timer made or due.
+            for _ in range(pokes):
+                theirs.send(b"x")
+            self.reactor.callLater(0.05, self.reactor.stop)
+
+        self.reactor.callLater(0, poke)
+        self.run_reactor()
+        self.assertGreaterEqual(len(self.timeouts), 2)
+        # A few turns (the start, the timers) ran it; not every turn.
+        self.assertLess(self.runs, len(self.timeouts))
+        self.assertEqual(b"".join(reader.read), b"x" * pokes)
+
+    def test_calls_from_threads_run(self) -> None:
+        """A call from another thread wakes the loop and runs."""
+        seen: list[str] = []
+
+        def from_thread() -> None:
+            self.reactor.callFromThread(seen.append, "thread")
+            self.reactor.callFromThread(self.reactor.stop)
+
+        self.reactor.callLater(0, lambda: threading.Thread(target=from_thread).start())
+        self.run_reactor()
+        self.assertEqual(seen, ["thread"])
+
+    def test_cancelled_calls_swept(self) -> None:
+        """Over 50 cancelled calls, more than half the heap, are swept from it."""
+        self.reactor.callLater(
+            0, lambda: [self.reactor.callLater(60, len).cancel() for _ in range(80)]
+        )
+        self.reactor.callLater(0.01, self.reactor.stop)
+        self.run_reactor()
+        self.assertLessEqual(len(self.reactor._pendingTimedCalls), 2)
+
+    def test_error_in_a_turn_logged_and_loop_goes_on(self) -> None:
+        """An error out of a turn is logged as Twisted's loop logs it; the loop goes on."""
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        iteration = self.reactor.doIteration
+        failures = [RuntimeError("broken turn")]
+
+        def failing(timeout: float | None) -> None:
+            if failures:
+                raise failures.pop()
+            iteration(timeout)
+
+        self.reactor.doIteration = failing
+        seen: list[str] = []
+        self.reactor.callLater(0.002, seen.append, "after")
+        self.reactor.callLater(0.004, self.reactor.stop)
+        self.run_reactor()
+        self.assertEqual(seen, ["after"])
+        logged = [e for e in events if "Unexpected error in main loop" in e["log_format"]]
+        self.assertEqual(len(logged), 1)
+        self.assertIsInstance(logged[0]["log_failure"].value, RuntimeError)
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_other_loops_kept(self) -> None:
+        """
+        A reactor whose loop differs from Twisted 26.10.0's (an override, or a Twisted whose
+        runUntilCurrent looks at other state) keeps its own main loop.
+        """
+
+        class Overridden(EPollReactor):
+            def runUntilCurrent(self) -> None:
+                super().runUntilCurrent()
+
+        class NewState(EPollReactor):
+            def timeout(self) -> float | None:
+                return None if self._somethingNew else super().timeout()  # type: ignore[attr-defined]
+
+        for cls in (Overridden, NewState):
+            self.assertFalse(_loop_as_written_for(cls))
+        self.assertTrue(_loop_as_written_for(EPollReactor))
+        import oaiproxy.reactortune
+
+        self.patch(oaiproxy.reactortune, "_loop_as_written_for", lambda cls: False)
+        reactor: Any = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.addCleanup(reactor.waker.connectionLost, None)
+        self.assertTrue(install_quiet_dispatch(reactor))
+        self.assertNotIn("mainLoop", vars(reactor))
+        self.assertIn("doIteration", vars(reactor))
