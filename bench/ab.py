@@ -5,7 +5,7 @@ hides changes of a few percent.
     /work/venv/bin/python bench/ab.py latency A_TREE B_TREE [--requests N] [--rounds R]
         [--protocol http1|http1-tls|h2]
     /work/venv/bin/python bench/ab.py instructions TREE [--requests N]
-        [--protocol http1|http1-tls|h2]
+        [--protocol http1|http1-new|http1-tls|h2]
     /work/venv/bin/python bench/ab.py chunk-instructions TREE
     /work/venv/bin/python bench/ab.py bursts A_TREE B_TREE [--rounds R]
 
@@ -22,7 +22,9 @@ C{instructions}: the instructions oaiproxy executes per proxied request, counted
 valgrind (C{cachegrind}, no cache simulation) over real loopback sockets: deterministic to
 a few instructions per request (a few hundred over TLS). It is the difference of a run with
 C{--requests} requests and a run without, after the same warm-up, divided by C{--requests}.
-C{--protocol} as for C{latency}. Needs C{valgrind}.
+C{--protocol} as for C{latency}, or C{http1-new}: plain HTTP/1.1, a new connection for each
+request (closed by the client once answered), as each stream of a burst comes. Needs
+C{valgrind}.
 
 C{chunk-instructions}: the instructions oaiproxy executes per relayed streamed event, each
 arriving in a read of its own (the mock sends one every 20 ms, over plain HTTP/1.1): the
@@ -238,9 +240,24 @@ class _H2:
                 return
 
 
-def _client(port: int, protocol: str) -> _Http1 | _H2:
+class _Http1New:
+    """Requests one at a time, each on a new HTTP/1.1 connection, closed once answered."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock = _connect(port)  # the warm-up's first; closed by the caller at the end
+
+    def exchange(self) -> None:
+        self.sock.close()
+        self.sock = _connect(self.port)
+        _exchange(self.sock)
+
+
+def _client(port: int, protocol: str) -> _Http1 | _Http1New | _H2:
     if protocol == "http1":
         return _Http1(_connect(port))
+    if protocol == "http1-new":
+        return _Http1New(port)
     if protocol == "http1-tls":
         return _Http1(_tls(_connect(port), "http/1.1"))
     return _H2(_tls(_connect(port), "h2"))
@@ -362,7 +379,7 @@ def _instructions_of_run(
         sys.executable,
         "-c",
         _TWISTD,
-        *_proxy_argv(port, mock_port, workdir / "state", tls=protocol != "http1"),
+        *_proxy_argv(port, mock_port, workdir / "state", tls=protocol.endswith(("-tls", "h2"))),
     ]
     proxy = _spawn("proxy-valgrind", argv, workdir, _env(tree))
     try:
@@ -423,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     ins = sub.add_parser("instructions", help="instructions per request (valgrind)")
     ins.add_argument("tree", type=Path)
     ins.add_argument("--requests", type=int, default=500)
-    ins.add_argument("--protocol", choices=("http1", "http1-tls", "h2"), default="http1")
+    ins.add_argument(
+        "--protocol", choices=("http1", "http1-new", "http1-tls", "h2"), default="http1"
+    )
     chunks = sub.add_parser("chunk-instructions", help="instructions per streamed event")
     chunks.add_argument("tree", type=Path)
     burst = sub.add_parser("bursts", help="interleaved 200-stream bursts of two source trees")
