@@ -61,6 +61,9 @@ __all__ = ["install_quiet_dispatch", "wait_for_events"]
 
 log = Logger()
 
+# The main loop's own lines, in the namespace Twisted's loop logs them under.
+_twisted_log = Logger(namespace="twisted.internet.base")
+
 # An event that is only "readable": handled here as Twisted's _doReadOrWrite handles it.
 _READABLE = EPOLLIN
 
@@ -90,10 +93,13 @@ def install_quiet_dispatch(
         return False
     tuned: Any = reactor  # instance attributes shadow the class's loop
     tuned.doIteration = tuned.doPoll = partial(_do_poll, reactor, busy_poll, clock)
-    if _loop_as_written_for(type(reactor)):
+    if _loop_as_written_for(type(reactor)) and not _LOOP_NAMES.keys() & vars(reactor).keys():
         tuned.mainLoop = partial(_main_loop, reactor)
     return True
 
+
+#: The longest wait epoll takes (2 ** 31 milliseconds), as Twisted's C{timeout} bounds it.
+_LONGEST_WAIT = 2147483
 
 #: The names Twisted 26.10.0's C{mainLoop}, C{runUntilCurrent} and C{timeout} use: a
 #: Twisted whose loop uses others (new state to look at) keeps its own loop.
@@ -145,6 +151,11 @@ _LOOP_NAMES = {
 }
 
 
+#: Constants of theirs the loop copies: C{timeout}'s longest wait, C{runUntilCurrent}'s
+#: threshold for sweeping cancelled calls.
+_LOOP_CONSTANTS = {"timeout": _LONGEST_WAIT, "runUntilCurrent": 50}
+
+
 def _loop_as_written_for(cls: type) -> bool:
     """Whether C{cls}'s main loop is Twisted's own and uses what 26.10.0's does."""
     for name, names in _LOOP_NAMES.items():
@@ -152,11 +163,10 @@ def _loop_as_written_for(cls: type) -> bool:
         code = getattr(method, "__code__", None)
         if code is None or frozenset(code.co_names) != names:
             return False
+        constant = _LOOP_CONSTANTS.get(name)
+        if constant is not None and constant not in code.co_consts:
+            return False
     return True
-
-
-#: The longest wait epoll takes (2 ** 31 milliseconds), as Twisted's C{timeout} bounds it.
-_LONGEST = 2147483
 
 
 def _main_loop(reactor: Any) -> None:
@@ -167,7 +177,6 @@ def _main_loop(reactor: Any) -> None:
     the loop makes no Python call but the poll's: 10% fewer instructions per relayed event.
     An error escaping a turn is logged as Twisted's loop logs it, and the loop goes on.
     """
-    seconds = reactor.seconds
     while reactor._started:
         try:
             while reactor._started:
@@ -176,7 +185,7 @@ def _main_loop(reactor: Any) -> None:
                 if (
                     reactor.threadCallQueue
                     or reactor._newTimedCalls
-                    or (pending and pending[0].time <= seconds())
+                    or (pending and pending[0].time <= reactor.seconds())
                     or (cancelled > 50 and cancelled > len(pending) >> 1)
                     or reactor._justStopped
                 ):
@@ -185,15 +194,15 @@ def _main_loop(reactor: Any) -> None:
                         reactor._insertNewDelayedCalls()
                     pending = reactor._pendingTimedCalls  # the sweep makes a new list
                 if not reactor.running:
-                    timeout: float | None = 0
+                    timeout: float | None = 0  # Twisted's passes False: the same poll
                 elif pending:
-                    timeout = max(0, min(_LONGEST, pending[0].time - seconds()))
+                    timeout = max(0, min(_LONGEST_WAIT, pending[0].time - reactor.seconds()))
                 else:
                     timeout = None
                 reactor.doIteration(timeout)
         except BaseException:
-            log.failure("Unexpected error in main loop")
-    log.info("Main loop terminated.")
+            _twisted_log.failure("Unexpected error in main loop")
+    _twisted_log.info("Main loop terminated.")
 
 
 def wait_for_events(

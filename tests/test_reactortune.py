@@ -549,6 +549,8 @@ class MainLoopTests(SynchronousTestCase):
         self.assertEqual(seen, ["after"])
         logged = [e for e in events if "Unexpected error in main loop" in e["log_format"]]
         self.assertEqual(len(logged), 1)
+        # Where Twisted's own loop logs it, for observers filtering by namespace.
+        self.assertEqual(logged[0]["log_namespace"], "twisted.internet.base")
         self.assertIsInstance(logged[0]["log_failure"].value, RuntimeError)
         self.flushLoggedErrors(RuntimeError)
 
@@ -566,9 +568,24 @@ class MainLoopTests(SynchronousTestCase):
             def timeout(self) -> float | None:
                 return None if self._somethingNew else super().timeout()  # type: ignore[attr-defined]
 
-        for cls in (Overridden, NewState):
-            self.assertFalse(_loop_as_written_for(cls))
+        class NewCap(EPollReactor):
+            def timeout(self) -> float | None:
+                # Twisted 26.10.0's names, another cap.
+                self._insertNewDelayedCalls()
+                if not self._pendingTimedCalls:
+                    return None
+                return max(0, min(1000, self._pendingTimedCalls[0].time - self.seconds()))
+
+        for cls in (Overridden, NewState, NewCap):
+            self.assertFalse(_loop_as_written_for(cls), cls)
         self.assertTrue(_loop_as_written_for(EPollReactor))
+        # An instance that shadows one of the methods keeps Twisted's loop too.
+        shadowed: Any = EPollReactor()
+        self.addCleanup(shadowed._poller.close)
+        self.addCleanup(shadowed.waker.connectionLost, None)
+        shadowed.timeout = lambda: None
+        self.assertTrue(install_quiet_dispatch(shadowed))
+        self.assertNotIn("mainLoop", vars(shadowed))
         import oaiproxy.reactortune
 
         self.patch(oaiproxy.reactortune, "_loop_as_written_for", lambda cls: False)
