@@ -6,6 +6,7 @@ and notes they leave for the report.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import resource
 import shlex
@@ -604,8 +605,10 @@ class Bench:
         p50: dict[str, float] = {}
         for target in targets:
             runs = rounds[target]
-            p50[target] = statistics.median(r.p50_ms for r in runs)
-            errors = sum(r.errors + r.non_2xx for r in runs)
+            # A round with no request answered (wrk then says p50 0) is no latency: an error.
+            answered = [r.p50_ms for r in runs if r.requests] or [math.nan]
+            p50[target] = statistics.median(answered)
+            errors = sum(r.errors + r.non_2xx + (r.requests == 0) for r in runs)
             self._note(
                 "2",
                 f"{target}: p50 per round "

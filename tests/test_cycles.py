@@ -16,12 +16,16 @@ import json
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+from twisted.internet import reactor as _global_reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web._http2 import H2Stream
 
 from oaiproxy.config import UpstreamConfig
+from oaiproxy.mock import MockConfig, build_mock_site
+from oaiproxy.tls import ensure_self_signed, server_context_factory
 from tests.support.servers import (
     ProxyServer,
     connect_h2,
@@ -208,5 +212,31 @@ class NoCyclesTests(TestCase):
             await wait_for(
                 lambda: self.mock.connections.open_count == 0, "the upstream connection to close"
             )
+
+        self.assertEqual(await self.unreachable_after(exchange), Counter())
+
+    async def test_https_upstream(self) -> None:
+        """
+        An HTTPS upstream, verified by its CA bundle: plain and streamed answers on pooled
+        TLS connections, and one with the wrong CA (a 502, its connection dropped).
+        """
+        reactor: Any = _global_reactor
+        key, cert = ensure_self_signed(self.mktemp())
+        _, other_ca = ensure_self_signed(self.mktemp())
+        site = build_mock_site(MockConfig(name="tls-mock"), reactor)
+        port = reactor.listenSSL(0, site, server_context_factory(key, cert), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"https://localhost:{port.getHost().port}/v1"
+        good = self.start_proxy([UpstreamConfig(url=url, ca_bundle=cert, name="tls")])
+        bad = self.start_proxy([UpstreamConfig(url=url, ca_bundle=other_ca, name="wrong-ca")])
+
+        async def exchange() -> None:
+            for proxy, body, status in (
+                (good, _CHAT, b"200"),
+                (good, _STREAM, b"200"),
+                (bad, _CHAT, b"502"),
+            ):
+                answer = await raw_exchange(proxy.http_port, _request(body, close=True))
+                self.assertTrue(answer.startswith(b"HTTP/1.1 %s " % status), answer[:200])
 
         self.assertEqual(await self.unreachable_after(exchange), Counter())
