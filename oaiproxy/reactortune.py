@@ -93,7 +93,7 @@ def install_quiet_dispatch(
         return False
     tuned: Any = reactor  # instance attributes shadow the class's loop
     tuned.doIteration = tuned.doPoll = partial(_do_poll, reactor, busy_poll, clock)
-    if _loop_as_written_for(type(reactor)) and not _LOOP_NAMES.keys() & vars(reactor).keys():
+    if _loop_as_written_for(type(reactor)) and not _shadowed(reactor):
         tuned.mainLoop = partial(_main_loop, reactor)
     return True
 
@@ -156,6 +156,19 @@ _LOOP_NAMES = {
 _LOOP_CONSTANTS = {"timeout": _LONGEST_WAIT, "runUntilCurrent": 50}
 
 
+def _shadowed(reactor: Any) -> bool:
+    """
+    Whether C{reactor} has a loop method of its own, over its class's. (Asked without
+    C{vars}: in CPython 3.11 that makes the instance a real dictionary, and every attribute
+    look-up on it slower for good: 5% more instructions per relayed event.)
+    """
+    for name in _LOOP_NAMES:
+        method = getattr(reactor, name, None)
+        if getattr(method, "__func__", None) is not getattr(type(reactor), name, None):
+            return True
+    return False
+
+
 def _loop_as_written_for(cls: type) -> bool:
     """Whether C{cls}'s main loop is Twisted's own and uses what 26.10.0's does."""
     for name, names in _LOOP_NAMES.items():
@@ -177,6 +190,7 @@ def _main_loop(reactor: Any) -> None:
     the loop makes no Python call but the poll's: 10% fewer instructions per relayed event.
     An error escaping a turn is logged as Twisted's loop logs it, and the loop goes on.
     """
+    seconds = reactor.seconds  # the reactor's clock, as the loop starts
     while reactor._started:
         try:
             while reactor._started:
@@ -185,7 +199,7 @@ def _main_loop(reactor: Any) -> None:
                 if (
                     reactor.threadCallQueue
                     or reactor._newTimedCalls
-                    or (pending and pending[0].time <= reactor.seconds())
+                    or (pending and pending[0].time <= seconds())
                     or (cancelled > 50 and cancelled > len(pending) >> 1)
                     or reactor._justStopped
                 ):
@@ -196,7 +210,7 @@ def _main_loop(reactor: Any) -> None:
                 if not reactor.running:
                     timeout: float | None = 0  # Twisted's passes False: the same poll
                 elif pending:
-                    timeout = max(0, min(_LONGEST_WAIT, pending[0].time - reactor.seconds()))
+                    timeout = max(0, min(_LONGEST_WAIT, pending[0].time - seconds()))
                 else:
                     timeout = None
                 reactor.doIteration(timeout)
