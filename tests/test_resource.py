@@ -13,6 +13,7 @@ from twisted.web.http import Request as HTTPRequest
 
 from oaiproxy.config import Limits
 from oaiproxy.http.early import reason_phrase
+from oaiproxy.http.relay import _writable
 from oaiproxy.http.resource import ProxyRequest, _Body
 from tests.support.fakes import forbid_temporary_files, make_harness, parse_response, post
 
@@ -374,6 +375,25 @@ class WriteTests(SynchronousTestCase):
                     self.outcome(True, version, method, code, length),
                     self.outcome(False, version, method, code, length),
                 )
+
+    def test_relay_writable_as_twisteds_swap(self) -> None:
+        """
+        Once the head is out, the relay writes past the request exactly when neither Twisted's
+        write nor ProxyRequest's swapped in one that drops (HEAD, 204, 304).
+        """
+        for lean, method, code in itertools.product(
+            (True, False), (b"GET", b"HEAD", b"POST"), (200, 204, 304, 500)
+        ):
+            channel = _RecordingChannel()
+            request: Any = ProxyRequest(channel, parsePOSTFormSubmission=False)
+            request.clientproto, request.method = b"HTTP/1.1", method
+            request.setResponseCode(code)
+            if lean:
+                request.write(b"")
+            else:
+                HTTPRequest.write(request, b"")
+            with self.subTest(lean=lean, method=method, code=code):
+                self.assertEqual(_writable(request), "write" not in vars(request))
 
     def test_constructor_sets_what_twisteds_do(self) -> None:
         """ProxyRequest's constructor leaves the state Twisted's constructors leave."""
