@@ -46,11 +46,13 @@ class Endpoint:
     @ivar endpoint: where to listen.
     @ivar where: the configured address, for messages (e.g. C{127.0.0.1:8080}).
     @ivar what: what is served there, for the log (e.g. C{http (http/1.1)}).
+    @ivar factory: what serves the connections there, if not the listeners' own factory.
     """
 
     endpoint: IStreamServerEndpoint
     where: str
     what: str
+    factory: IProtocolFactory | None = None
 
 
 def _address(port: IListeningPort) -> str:
@@ -71,7 +73,8 @@ def _reason(failure: Failure) -> str:
 
 class Listeners(Service):
     """
-    Listens with one factory on every endpoint when started; stops listening when stopped.
+    Listens with one factory on every endpoint (unless the endpoint names its own) when
+    started; stops listening when stopped.
 
     Starting raises L{CannotListen} with a message naming the address when an endpoint cannot
     listen, or does not say at once whether it can (Twisted's TCP, TLS and UNIX endpoints
@@ -119,7 +122,8 @@ class Listeners(Service):
         ports: list[IListeningPort] = []
         for endpoint in self.endpoints:
             outcome: list[IListeningPort | Failure] = []
-            endpoint.endpoint.listen(self._factory).addBoth(outcome.append)
+            factory = self._factory if endpoint.factory is None else endpoint.factory
+            endpoint.endpoint.listen(factory).addBoth(outcome.append)
             result = outcome[0] if outcome else None
             if result is not None and not isinstance(result, Failure):
                 ports.append(result)

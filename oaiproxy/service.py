@@ -13,7 +13,6 @@ from typing import Any
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.web.server import Site
 from typing_extensions import override
 
 from oaiproxy.balancing.pool import Pool, Upstream
@@ -101,7 +100,7 @@ def build_site(
     reactor: Any,
     pool_config: PoolConfig,
     environ: Mapping[str, str],
-) -> Site:
+) -> ProxySite:
     """The proxy's HTTP site for one pool: resource, forwarder, agents, HTTP/2 fixes."""
     upstreams = resolve_keys(pool_config, environ)
     agents, pool = build_agents(
@@ -182,7 +181,9 @@ def build_service(
         if ":" in interface:
             interface = f"[{interface}]"
         where = f"{interface}:{listener.port}"
-        endpoints.append(Endpoint(endpoint, where, what))
+        # No TLS, so no ALPN: HTTP/1.1 only, served without the switch to HTTP/2.
+        factory = site.plain_factory() if listener.kind == "tcp" else None
+        endpoints.append(Endpoint(endpoint, where, what, factory))
         if cert_path is not None:
             banner.append(
                 f"self-signed certificate for localhost: {cert_path} "

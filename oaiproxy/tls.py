@@ -25,11 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import crypto
-from twisted.internet.endpoints import (
-    SSL4ServerEndpoint,
-    TCP4ServerEndpoint,
-    TCP6ServerEndpoint,
-)
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorSSL,
@@ -47,6 +42,7 @@ from twisted.internet.ssl import (
 from twisted.logger import Logger
 
 from oaiproxy.config import ConfigError, ListenerConfig
+from oaiproxy.porttune import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 
 __all__ = [
     "SELF_SIGNED_CERT",
@@ -319,7 +315,8 @@ def listener_endpoint(
 
     C{tcp} listeners get a TCP endpoint (IPv6 when the interface contains C{:}); C{tls}
     listeners get an SSL endpoint with L{server_context_factory}, using the configured files or
-    a certificate from L{ensure_self_signed} in C{state_dir}.
+    a certificate from L{ensure_self_signed} in C{state_dir}. The endpoints are
+    L{oaiproxy.porttune}'s: Twisted's, listening with its tuned port where they can.
 
     @param reactor: must also provide L{IReactorSSL} for C{tls} listeners. (Zope interfaces
         cannot be intersected in a type, so this is checked when adapting.)

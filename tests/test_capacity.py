@@ -10,9 +10,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import HTTPChannel
 
 from oaiproxy.config import ConfigError, Limits
 from oaiproxy.http.capacity import REFUSAL_ABORT, Refusal
+from oaiproxy.http.h1server import H1Channel
 from oaiproxy.http.h2fix import ProxyHTTPChannelSwitch
 from tests.support.fakes import make_harness, parse_response
 
@@ -20,14 +22,18 @@ _CLIENT = IPv4Address("TCP", "10.0.0.7", 50000)
 
 
 class ConnectionCapTests(SynchronousTestCase):
-    """max_connections: what is held, what is refused, and how."""
+    """max_connections: what is held, what is refused, and how (a TLS listener's factory)."""
+
+    #: What a held connection is served by.
+    held: type = ProxyHTTPChannelSwitch
 
     def setUp(self) -> None:
         self.harness = make_harness(limits=Limits(max_connections=2))
         self.site = self.harness.site
+        self.factory: Any = self.site
 
     def connect(self) -> tuple[Any, StringTransport]:
-        protocol = self.site.buildProtocol(_CLIENT)
+        protocol = self.factory.buildProtocol(_CLIENT)
         transport = StringTransport(peerAddress=_CLIENT)
         protocol.makeConnection(transport)
         return protocol, transport
@@ -36,8 +42,8 @@ class ConnectionCapTests(SynchronousTestCase):
         """The third connection gets 503 too_many_connections with Retry-After, and closes."""
         first, _ = self.connect()
         second, _ = self.connect()
-        self.assertIsInstance(first, ProxyHTTPChannelSwitch)
-        self.assertIsInstance(second, ProxyHTTPChannelSwitch)
+        self.assertIsInstance(first, self.held)
+        self.assertIsInstance(second, self.held)
         third, transport = self.connect()
         self.assertIsInstance(third, Refusal)
         status, headers, body = parse_response(transport.value())
@@ -56,7 +62,7 @@ class ConnectionCapTests(SynchronousTestCase):
         self.connect()
         first.connectionLost(Failure(ConnectionDone()))
         fourth, transport = self.connect()
-        self.assertIsInstance(fourth, ProxyHTTPChannelSwitch)
+        self.assertIsInstance(fourth, self.held)
         fourth.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(parse_response(transport.value())[0], 200)
         self.assertEqual(self.site.connections.open, 2)
@@ -89,3 +95,43 @@ class ConnectionCapTests(SynchronousTestCase):
         """max_connections must be at least 1."""
         with self.assertRaises(ConfigError):
             Limits(max_connections=0)
+
+
+class PlainConnectionCapTests(ConnectionCapTests):
+    """The same, through a plain listener's factory: each connection its L{H1Channel} alone."""
+
+    held = H1Channel
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.factory = self.site.plain_factory()
+
+    def test_slot_given_back_if_the_request_fails(self) -> None:
+        """A request that fails to hear of the connection's loss still gives the slot back."""
+        first, _ = self.connect()
+        first.dataReceived(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        request = first._request
+        self.assertIsNotNone(request)
+
+        def broken(reason: Failure) -> None:
+            raise RuntimeError("broken request")
+
+        request.connectionLost = broken
+        self.assertRaises(RuntimeError, first.connectionLost, Failure(ConnectionDone()))
+        self.assertEqual(self.site.connections.open, 0)
+
+    def test_started_and_stopped_with_the_site(self) -> None:
+        """Listening with it starts and stops the site, as listening with the site does."""
+        self.assertEqual(self.site.numPorts, 0)
+        self.factory.doStart()
+        self.assertEqual(self.site.numPorts, 1)
+        self.factory.doStop()
+        self.assertEqual(self.site.numPorts, 0)
+        self.assertEqual(self.factory.logPrefix(), self.site.logPrefix())
+
+    def test_another_channel_behind_the_switch(self) -> None:
+        """A site whose channel is not L{H1Channel} (a test's Twisted one) keeps the switch."""
+        site: Any = self.site
+        site.h1_channel = lambda reactor, **kwargs: HTTPChannel()
+        protocol, _ = self.connect()
+        self.assertIsInstance(protocol, ProxyHTTPChannelSwitch)

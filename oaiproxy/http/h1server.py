@@ -34,6 +34,7 @@ C{_PullToPush} for a non-streaming producer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -179,6 +180,9 @@ class H1Channel(Protocol):
     requestFactory: Any = None
     site: Any = None
     factory: Any = None
+    #: Called once when the connection is lost, after the request hears of it (a plain
+    #: listener gives its connection slot back so: see L{ProxySite.build_plain}).
+    on_close: Callable[[], object] | None = None
 
     def __init__(
         self,
@@ -293,8 +297,13 @@ class H1Channel(Protocol):
         self._buffer = b""
         self.send_tools = None  # they hold the transport
         request, self._request = self._request, None
-        if request is not None:
-            request.connectionLost(reason)
+        on_close, self.on_close = self.on_close, None
+        try:
+            if request is not None:
+                request.connectionLost(reason)
+        finally:
+            if on_close is not None:
+                on_close()
 
     # -- reading -------------------------------------------------------------------------
 

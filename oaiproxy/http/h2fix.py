@@ -95,7 +95,13 @@ import priority
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    ILoggingContext,
+    IProtocolFactory,
+    IReactorTime,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -106,6 +112,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 from typing_extensions import override
+from zope.interface import implementer
 
 from oaiproxy.errors import (
     BodyTooLarge,
@@ -1229,6 +1236,33 @@ class ProxySite(Site):
         protocol.site = self
         return protocol
 
+    def plain_factory(self) -> IProtocolFactory:
+        """
+        This site's factory for a plain HTTP/1.1 listener: no TLS, so no ALPN and never
+        HTTP/2. Each connection is served by its L{H1Channel} alone, without Twisted's
+        HTTP/1.1-or-HTTP/2 switch in front (a wrapper made per connection, a call more per
+        read).
+        """
+        return _PlainFactory(self)
+
+    def build_plain(self, addr: IAddress | None) -> H1Channel | ProxyHTTPChannelSwitch | Refusal:
+        """
+        An L{H1Channel} set up as L{buildProtocol} sets up the switch's, for a plain
+        listener; or, with C{max_connections} open already, a L{Refusal}. (With another
+        C{h1_channel}, the switch over it, as L{buildProtocol} makes.)
+        """
+        if self.h1_channel is not H1Channel:
+            return self.buildProtocol(addr)
+        if not self.connections.admit():
+            return Refusal(self.reactor, self.connections.limit)
+        channel = H1Channel(self.reactor, **self._h1_options)
+        channel.factory = self
+        channel.timeOut = self.timeOut
+        channel.requestFactory = self.requestFactory
+        channel.site = self
+        channel.on_close = self.connections.release
+        return channel
+
     @override
     def log(self, request: Request | IRequest) -> None:
         """Write no access log line: the proxy logs each exchange itself."""
@@ -1240,3 +1274,23 @@ class ProxySite(Site):
     @override
     def stopFactory(self) -> None:
         """Nothing to close: see L{startFactory}."""
+
+
+@implementer(IProtocolFactory, ILoggingContext)
+class _PlainFactory:
+    """A L{ProxySite}'s factory for a plain HTTP/1.1 listener: see L{ProxySite.plain_factory}."""
+
+    def __init__(self, site: ProxySite) -> None:
+        self.site = site
+
+    def doStart(self) -> None:
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+    def buildProtocol(self, addr: IAddress) -> H1Channel | ProxyHTTPChannelSwitch | Refusal:
+        return self.site.build_plain(addr)
+
+    def logPrefix(self) -> str:
+        return str(self.site.logPrefix())
