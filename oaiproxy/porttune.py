@@ -49,7 +49,9 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from twisted.python.runtime import platformType
 from typing_extensions import override
+from zope.interface import directlyProvidedBy
 
 __all__ = [
     "SSL4ServerEndpoint",
@@ -175,13 +177,19 @@ _AS_WRITTEN: dict[tuple[type, str], frozenset[str]] = {
         ]
     ),
     (tcp.Server, "getPeer"): frozenset(["_addressType", "client"]),
+    (tcp.Server, "getHost"): frozenset(["_addressType", "_getsockname", "socket"]),
     (tcp.Server, "__repr__"): frozenset(["repstr"]),
     (tcp.Connection, "logPrefix"): frozenset(["logstr"]),
 }
 
 
 def _as_written() -> bool:
-    """Whether Twisted's C{tcp} module is as L{_AS_WRITTEN} says."""
+    """
+    Whether Twisted's C{tcp} module is as L{_AS_WRITTEN} says, on a POSIX system whose
+    sockets have the standard library's C{_accept}.
+    """
+    if platformType != "posix" or not hasattr(socket.socket, "_accept"):
+        return False
     for (cls, name), names in _AS_WRITTEN.items():
         code = getattr(getattr(cls, name, None), "__code__", None)
         if code is None or frozenset(code.co_names) != names:
@@ -193,13 +201,32 @@ _TWISTED_AS_WRITTEN = _as_written()
 
 
 def tuned_for(reactor: object) -> bool:
-    """Whether the endpoints here listen on C{reactor} with L{TunedPort}."""
-    return _TWISTED_AS_WRITTEN and isinstance(reactor, PosixReactorBase)
+    """
+    Whether the endpoints here listen on C{reactor} with L{TunedPort}: a reactor of
+    Twisted's POSIX family that listens as Twisted's does (its own C{listenTCP} and
+    C{listenSSL} are Twisted's).
+    """
+    cls = type(reactor)
+    return (
+        _TWISTED_AS_WRITTEN
+        and isinstance(reactor, PosixReactorBase)
+        and getattr(cls, "listenTCP", None) is _LISTEN_TCP
+        and getattr(cls, "listenSSL", None) is _LISTEN_SSL
+    )
 
 
-#: Whether each protocol class seen is half-closeable (asked of zope once per class: no
-#: protocol here declares it per instance).
+_LISTEN_TCP = PosixReactorBase.listenTCP
+_LISTEN_SSL = PosixReactorBase.listenSSL
+
+
+#: Whether each protocol class seen is half-closeable, asked of zope once per class (an
+#: instance with declarations of its own is asked each time).
 _HALF_CLOSEABLE: dict[type, bool] = {}
+
+#: The local addresses of accepted connections, by what C{getsockname} says: made once each,
+#: up to this many.
+_HOSTS: dict[Any, address.IPv4Address | address.IPv6Address] = {}
+_MAX_HOSTS = 256
 
 
 class TunedServer(tcp.Server):
@@ -240,19 +267,40 @@ class TunedServer(tcp.Server):
         self.sessionno = sessionno
         self.hostname = client[0]
         self._peer = peer
+        # For the log prefix and the repr, made when asked for (as Twisted's say, even once
+        # the connection is lost and the port closed).
+        self._protocol_class = protocol.__class__
+        self._port_number = server._realPortNumber if server is not None else None
         self.startReading()  # type: ignore[no-untyped-call]
         self.connected = 1
 
     @property
-    def logstr(self) -> str:  # type: ignore[override]
-        """The log prefix Twisted's server connection makes at once."""
-        return f"{self._getLogPrefix(self.protocol)},{self.sessionno},{self.hostname}"
+    def logstr(self) -> str:
+        """The log prefix Twisted's server connection makes at once; kept once made."""
+        logstr: str | None = self._logstr
+        if logstr is None:
+            protocol = getattr(self, "protocol", None)  # gone once the connection is lost
+            prefix = (
+                self._getLogPrefix(protocol)
+                if protocol is not None
+                else self._protocol_class.__name__
+            )
+            logstr = self._logstr = f"{prefix},{self.sessionno},{self.hostname}"
+        return logstr
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
+        self._logstr = value
+
+    _logstr: str | None = None
 
     @override
     def __repr__(self) -> str:
-        protocol = getattr(self, "protocol", None)  # gone once the connection is lost
-        name = protocol.__class__.__name__ if protocol is not None else "?"
-        return f"<{name} #{self.sessionno} on {self.server._realPortNumber}>"
+        """Twisted's: the protocol's class, the session number, the port."""
+        repstr: str | None = getattr(self, "repstr", None)  # _fromConnectedSocket sets one
+        if repstr is not None:
+            return repstr
+        return f"<{self._protocol_class.__name__} #{self.sessionno} on {self._port_number}>"
 
     @override
     def getPeer(self) -> address.IPv4Address | address.IPv6Address:
@@ -262,6 +310,22 @@ class TunedServer(tcp.Server):
             client: Any = self.client
             peer = self._peer = self._addressType("TCP", *client)
         return peer
+
+    @override
+    def getHost(self) -> address.IPv4Address | address.IPv6Address:
+        """
+        The local address, as Twisted's, but the address object made once per local
+        address and port (a listener has few): asked of the socket each time, as it must be
+        for a listener on every interface.
+        """
+        name = self.socket.getsockname()
+        hosts = _HOSTS
+        host = hosts.get(name)
+        if host is None:
+            host = self._addressType("TCP", *tcp._getrealname(name))
+            if len(hosts) < _MAX_HOSTS:
+                hosts[name] = host
+        return host
 
     @override
     def doRead(self) -> Any:
@@ -280,12 +344,14 @@ class TunedServer(tcp.Server):
     @override
     def readConnectionLost(self, reason: Failure) -> None:
         """Twisted's, asking zope whether the protocol is half-closeable once per class."""
-        cls = type(self.protocol)
-        half_closeable = _HALF_CLOSEABLE.get(cls)
+        protocol = self.protocol
+        cls = type(protocol)
+        own = list(directlyProvidedBy(protocol))  # declarations of the instance's own
+        half_closeable = None if own else _HALF_CLOSEABLE.get(cls)
         if half_closeable is None:
-            half_closeable = _HALF_CLOSEABLE[cls] = (
-                IHalfCloseableProtocol(self.protocol, None) is not None
-            )
+            half_closeable = IHalfCloseableProtocol(protocol, None) is not None
+            if not own:
+                _HALF_CLOSEABLE[cls] = half_closeable
         if half_closeable:
             super().readConnectionLost(reason)
         else:
@@ -321,7 +387,9 @@ class TunedPort(tcp.Port):
         """
         Accept what is waiting, up to C{numberAccepts} connections, as Twisted's loop does.
         An accept error ends this loop and hands the rest of the turn to Twisted's, which
-        logs it and recovers (C{EMFILE}, C{ENOBUFS}, ...) as it always does.
+        logs it and recovers (C{EMFILE}, C{ENOBUFS}, ...) as it always does: it accepts
+        once more to see the error itself (one system call more per error), then up to
+        C{numberAccepts} more connections, and sets C{numberAccepts} from those.
         """
         try:
             listener: Any = self.socket
@@ -345,7 +413,11 @@ class TunedPort(tcp.Port):
                     host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
                     addr = (host[0], *addr[1:])
                 peer = self._addressType("TCP", *addr)
-                protocol = build(peer)
+                try:
+                    protocol = build(peer)
+                except BaseException:
+                    skt.close()  # not left to the garbage collector
+                    raise
                 if protocol is None:
                     skt.close()
                     continue

@@ -91,6 +91,16 @@ class ConnectionCapTests(SynchronousTestCase):
         a.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.site.connections.open, 1)
 
+    def test_idle_connection_closed(self) -> None:
+        """A held connection with nothing to do is closed after the site's idle timeout."""
+        _, transport = self.connect()
+        timeout = self.site.timeOut
+        assert timeout is not None
+        self.harness.clock.advance(timeout - 0.5)
+        self.assertFalse(transport.disconnecting)
+        self.harness.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+
     def test_limit_validated(self) -> None:
         """max_connections must be at least 1."""
         with self.assertRaises(ConfigError):

@@ -56,6 +56,26 @@ def _listeners(*results: Deferred[Any]) -> Listeners:
 
 
 class ListenersTests(SynchronousTestCase):
+    def test_endpoint_factory(self) -> None:
+        """An endpoint that names its own factory listens with it; the others, the shared one."""
+        heard: list[Any] = []
+
+        @implementer(IStreamServerEndpoint)
+        class Recording:
+            def listen(self, factory: Any) -> Deferred[Any]:
+                heard.append(factory)
+                return succeed(_Port(IPv4Address("TCP", "127.0.0.1", 1)))
+
+        shared = Factory.forProtocol(Protocol)
+        own = Factory.forProtocol(Protocol)
+        service = Listeners(
+            "oaiproxy",
+            shared,
+            [Endpoint(Recording(), "a", "http", own), Endpoint(Recording(), "b", "https")],
+        )
+        service.startService()
+        self.assertEqual(heard, [own, shared])
+
     def test_real_addresses_logged(self) -> None:
         """Each port's real address is logged (the chosen port for 0; IPv6 in brackets)."""
         observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]  # annotated for unittest.TestCase

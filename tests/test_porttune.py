@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+import gc
 import socket
+import warnings
+from functools import partial
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -17,7 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from oaiproxy import porttune
 from oaiproxy.porttune import (
@@ -54,12 +57,17 @@ class _HalfCloseable(_Server):
     """Answers the client's end of writing with C{bye}, then closes."""
 
     def readConnectionLost(self) -> None:
-        assert self.transport is not None
-        self.transport.write(b"bye")
-        self.transport.loseConnection()
+        _bye(self)
 
     def writeConnectionLost(self) -> None:
         """Not used."""
+
+
+def _bye(protocol: _Server) -> None:
+    """Answer the client's end of writing with C{bye}, then close."""
+    assert protocol.transport is not None
+    protocol.transport.write(b"bye")
+    protocol.transport.loseConnection()
 
 
 class _Factory(Factory):
@@ -181,6 +189,13 @@ class TunedConnectionTests(TestCase):
         self.assertEqual(transport.getHost(), IPv4Address("TCP", "127.0.0.1", port))
         self.assertEqual(transport.logPrefix(), "_Server,0,127.0.0.1")
         self.assertEqual(repr(transport), f"<_Server #0 on {port}>")
+        self.assertFalse(transport.socket.getblocking())
+        self.assertIs(transport.getHost(), transport.getHost())  # one object per address
+        client.transport.loseConnection()
+        await _lost(server)
+        # As Twisted's say once the connection is lost.
+        self.assertEqual(transport.logPrefix(), "_Server,0,127.0.0.1")
+        self.assertEqual(repr(transport), f"<_Server #0 on {port}>")
 
     async def test_ipv6(self) -> None:
         """An IPv6 connection's peer is an IPv6 address, as Twisted makes it."""
@@ -212,6 +227,11 @@ class TunedConnectionTests(TestCase):
         reason = await _lost(server)
         self.assertTrue(reason.check(ConnectionDone))
         self.assertFalse(hasattr(server.transport, "socket"))
+        # Its log prefix, made now (Twisted's loop asked for it at each event), is still
+        # Twisted's.
+        transport: Any = server.transport
+        transport._logstr = None
+        self.assertEqual(transport.logPrefix(), "_Server,0,127.0.0.1")
 
     async def test_server_closes(self) -> None:
         """The server's orderly close reaches the client as a clean end."""
@@ -247,6 +267,34 @@ class TunedConnectionTests(TestCase):
         client.transport.loseWriteConnection()  # type: ignore[attr-defined]
         self.assertTrue((await _lost(client)).check(ConnectionDone))
         self.assertEqual(client.data, b"bye")
+
+    async def test_half_close_declared_per_instance(self) -> None:
+        """
+        Half-close support declared by one instance, not its class, is heard: the class's
+        answer, remembered from another instance, does not decide for it.
+        """
+        factory = _Factory()
+        port = await self.serve(factory)
+        first = await self.connect(port)
+        assert first.transport is not None
+        first.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        self.assertTrue((await _lost(first)).check(ConnectionDone))
+        self.assertEqual(first.data, b"")  # _Server is not half-closeable: closed at once
+        build = factory.buildProtocol
+
+        def declaring(addr: Any) -> _Server | None:
+            protocol = build(addr)
+            assert protocol is not None
+            protocol.readConnectionLost = partial(_bye, protocol)  # type: ignore[attr-defined]
+            alsoProvides(protocol, IHalfCloseableProtocol)
+            return protocol
+
+        factory.buildProtocol = declaring  # type: ignore[method-assign]
+        second = await self.connect(port)
+        assert second.transport is not None
+        second.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        self.assertTrue((await _lost(second)).check(ConnectionDone))
+        self.assertEqual(second.data, b"bye")
 
     async def test_refused_by_factory(self) -> None:
         """A connection the factory builds nothing for is closed; the port goes on."""
@@ -304,6 +352,77 @@ class TunedConnectionTests(TestCase):
         self.assertIsNone(transport._peer)  # made by Twisted's loop, which passes none
         local: Any = client.transport.getHost()
         self.assertEqual(transport.getPeer(), IPv4Address("TCP", "127.0.0.1", local.port))
+
+
+class AcceptLoopTests(TestCase):
+    """The accept loop itself, run by hand over connections queued on a real socket."""
+
+    async def port(self, factory: _Factory) -> TunedPort:
+        port: Any = await TCP4ServerEndpoint(reactor, 0, 50, "127.0.0.1").listen(factory)
+        port.stopReading()  # this test accepts, not the reactor
+        self.addCleanup(port.stopListening)
+        assert isinstance(port, TunedPort)
+        return port
+
+    def queue(self, port: TunedPort, count: int) -> list[socket.socket]:
+        """C{count} connections queued on C{port}, not yet accepted."""
+        address: Any = port.getHost()
+        clients = [socket.create_connection(("127.0.0.1", address.port)) for _ in range(count)]
+        for client in clients:
+            self.addCleanup(client.close)
+        return clients
+
+    def lose_all(self, factory: _Factory) -> None:
+        for protocol in factory.built:
+            if protocol.transport is not None and not protocol.lost.called:
+                protocol.transport.abortConnection()  # type: ignore[attr-defined]
+
+    async def test_scaling(self) -> None:
+        """
+        As Twisted's loop: fewer waiting than it may accept, it takes them all and next
+        time accepts as many as it found; as many as it may, it takes those and 20 more next
+        time.
+        """
+        factory = _Factory()
+        port = await self.port(factory)
+        self.addCleanup(self.lose_all, factory)
+        self.queue(port, 3)
+        port.doRead()
+        self.assertEqual((len(factory.built), port.numberAccepts), (3, 3))
+        self.queue(port, 5)
+        port.doRead()
+        self.assertEqual((len(factory.built), port.numberAccepts), (6, 23))
+        port.doRead()
+        self.assertEqual((len(factory.built), port.numberAccepts), (8, 2))
+
+    async def test_nothing_left_behind(self) -> None:
+        """
+        A connection its factory refuses, or fails to build a protocol for, is closed at
+        once, not left to the garbage collector.
+        """
+        factory = _Factory()
+        outcomes: list[str] = ["refuse", "fail"]
+
+        def build(addr: Any) -> _Server | None:
+            if outcomes.pop(0) == "refuse":
+                return None
+            raise RuntimeError("broken factory")
+
+        factory.buildProtocol = build  # type: ignore[method-assign]
+        port = await self.port(factory)
+        clients = self.queue(port, 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            port.doRead()
+            port.doRead()
+            # Each closed by the server already (on loopback its FIN is here at once), while
+            # the logged error (its traceback, the accepting frame) is still held.
+            for client in clients:
+                self.assertEqual(client.recv(1, socket.MSG_DONTWAIT), b"")
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+            gc.collect()
+        self.assertEqual(outcomes, [])
+        self.assertEqual([w for w in caught if w.category is ResourceWarning], [])
 
 
 class _FailingOnce:

@@ -402,31 +402,6 @@ class WriteTests(SynchronousTestCase):
         channel: Any = _RecordingChannel()
         ours = vars(ProxyRequest(channel))
         twisted = vars(server.Request(channel, False, parsePOSTFormSubmission=False))
-        # But the local address, asked of the channel when read (see HostTests).
-        self.assertEqual(sorted(ours), sorted(set(twisted) - {"host"}))
+        self.assertEqual(sorted(ours), sorted(twisted))
         for name in ("queued", "_parsePOSTFormSubmission", "channel", "transport", "client"):
             self.assertEqual(ours[name], twisted[name], name)
-        self.assertEqual(ProxyRequest(channel).host, twisted["host"])
-
-
-class HostTests(SynchronousTestCase):
-    """The request's local address: Twisted's, asked of the channel only when read."""
-
-    def test_asked_when_read(self) -> None:
-        """The channel is asked once, on the first read; C{setHost} replaces it."""
-        channel = _RecordingChannel()
-        asked: list[Any] = []
-
-        def get_host() -> Any:
-            asked.append(None)
-            return channel.transport.getHost()
-
-        channel.getHost = get_host  # type: ignore[method-assign]
-        request: Any = ProxyRequest(channel, parsePOSTFormSubmission=False)
-        self.assertEqual(asked, [])
-        self.assertEqual(request.getHost(), channel.transport.getHost())
-        self.assertEqual(request.host, channel.transport.getHost())
-        self.assertEqual(len(asked), 1)
-        request.setHost(b"example.com", 443, ssl=True)
-        self.assertEqual((request.getHost().host, request.getHost().port), (b"example.com", 443))
-        self.assertEqual(len(asked), 1)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IServiceMaker
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.plugin import IPlugin, getPlugins
@@ -220,6 +221,35 @@ class BuildServiceTests(SynchronousTestCase):
         service.startService()
         self.addCleanup(service.stopService)
         self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers], [(8080, "127.0.0.1")])
+
+    def test_listener_factories(self) -> None:
+        """
+        A plain listener is served by the site's plain factory (HTTP/1.1 alone, no switch to
+        HTTP/2); a TLS listener by the site itself (ALPN picks HTTP/2 or HTTP/1.1).
+        """
+        from oaiproxy.http.h1server import H1Channel
+        from oaiproxy.http.h2fix import ProxyHTTPChannelSwitch
+        from oaiproxy.listening import Listeners
+
+        reactor = MemoryReactorClock()
+        config = ProxyConfig(
+            listeners=(
+                ListenerConfig("tcp", 8080, interface="127.0.0.1"),
+                ListenerConfig("tls", 8443, interface="127.0.0.1", self_signed=True),
+            ),
+            pools=self.config().pools,
+            state_dir=self.mktemp(),
+        )
+        service = build_service(config, reactor, environ={})
+        service.startService()
+        self.addCleanup(service.stopService)
+        [(_, plain, _, _)] = reactor.tcpServers
+        [(_, secure, _, _, _)] = reactor.sslServers
+        client = IPv4Address("TCP", "127.0.0.1", 5000)
+        self.assertIsInstance(plain.buildProtocol(client), H1Channel)
+        self.assertIsInstance(secure.buildProtocol(client), ProxyHTTPChannelSwitch)
+        (listeners,) = [s for s in service if isinstance(s, Listeners)]  # type: ignore[attr-defined]
+        self.assertIs(secure, listeners._factory)
 
     def test_missing_key_env(self) -> None:
         """A key_env variable that is unset fails at build time, naming the variable."""

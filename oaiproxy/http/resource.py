@@ -147,24 +147,6 @@ class ProxyRequest(server.Request):
     #: (about 2.6% of a request's instructions). The exchange's.
     on_client_lost: Callable[[Failure], object] | None = None
 
-    _host: Any = None
-
-    @property
-    def host(self) -> Any:
-        """
-        The local address (Twisted sets it in the constructor): asked of the channel when
-        first read, which the proxy never does (on a new connection, a C{getsockname} and
-        an attrs address less).
-        """
-        host = self._host
-        if host is None:
-            host = self._host = self.channel.getHost()
-        return host
-
-    @host.setter
-    def host(self, value: Any) -> None:
-        self._host = value
-
     @override
     def connectionLost(self, reason: Failure) -> None:
         callback, self.on_client_lost = self.on_client_lost, None
@@ -183,12 +165,12 @@ class ProxyRequest(server.Request):
         """
         What the constructors of Twisted's C{server.Request}, C{http.Request} and
         C{Componentized} set (Twisted 26.10.0), without their look-ups: the request is never
-        queued, never parses form bodies, and asks for the local address only when read
-        (L{host}).
+        queued, and never parses form bodies.
         """
         self.notifications: list[Deferred[None]] = []
         self.channel = channel
         self.client = channel.getPeer()
+        self.host = channel.getHost()
         self.requestHeaders = Headers()
         self.received_cookies: dict[bytes, bytes] = {}
         self.responseHeaders = Headers()

@@ -56,7 +56,7 @@ from oaiproxy.http import exchange as exchange_module
 from oaiproxy.http.relay import Relay
 from oaiproxy.mock import MockConfig, build_mock_site
 from oaiproxy.service import build_site
-from oaiproxy.tls import ensure_self_signed, server_context_factory
+from oaiproxy.tls import listener_endpoint
 
 __all__ = [
     "ConnectionTracker",
@@ -105,10 +105,14 @@ class ConnectionTracker:
     server's protocols and transports are the real ones, untouched.
     """
 
-    def __init__(self, factory: Factory[Any]) -> None:
+    def __init__(self, *factories: Any) -> None:
         self.accepted = 0
         self._open: dict[int, Any] = {}
         self._waiters: list[Deferred[None]] = []
+        for factory in factories:
+            self._wrap(factory)
+
+    def _wrap(self, factory: Any) -> None:
         build = factory.buildProtocol
 
         def build_protocol(addr: Any) -> Any:
@@ -117,7 +121,7 @@ class ConnectionTracker:
                 self._watch(protocol)
             return protocol
 
-        factory.buildProtocol = build_protocol  # type: ignore[method-assign]
+        factory.buildProtocol = build_protocol
 
     @property
     def open_count(self) -> int:
@@ -418,6 +422,16 @@ class ProxyServer:
         return f"https://localhost:{self.tls_port}"
 
 
+def _listening(endpoint: Any, factory: Any) -> Any:
+    """The port C{endpoint} listens on with C{factory} (TCP and TLS endpoints say at once)."""
+    outcome: list[Any] = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    [port] = outcome
+    if isinstance(port, Failure):
+        port.raiseException()
+    return port
+
+
 def start_proxy(
     testcase: TestCase,
     upstreams: list[UpstreamConfig],
@@ -444,12 +458,21 @@ def start_proxy(
         deadlines=deadlines or Deadlines(),
     )
     site: Any = build_site(config, reactor, config.pools[0], environ or {})
-    tracker = ConnectionTracker(site) if track else None
-    key_path, cert_path = ensure_self_signed(testcase.mktemp())
-    plain = reactor.listenTCP(0, site, interface="127.0.0.1")
-    secure = reactor.listenSSL(
-        0, site, server_context_factory(key_path, cert_path), interface="127.0.0.1"
+    # Served as build_service serves them: the plain listener by the site's plain factory,
+    # both on the endpoints listener_endpoint gives (porttune's tuned port).
+    plain_factory = site.plain_factory()
+    tracker = ConnectionTracker(site, plain_factory) if track else None
+    state = testcase.mktemp()
+    plain = _listening(
+        listener_endpoint(reactor, ListenerConfig("tcp", 0, interface="127.0.0.1"), state)[0],
+        plain_factory,
     )
+    endpoint, shown = listener_endpoint(
+        reactor, ListenerConfig("tls", 0, interface="127.0.0.1", self_signed=True), state
+    )
+    assert shown is not None
+    cert_path = shown
+    secure = _listening(endpoint, site)
 
     # Cleanups run last first: stop listening, close client connections, close the pool.
     testcase.addCleanup(site.resource.close)
