@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import Request as HTTPRequest
 
 from oaiproxy.config import Limits
@@ -16,6 +16,7 @@ from oaiproxy.http.early import reason_phrase
 from oaiproxy.http.relay import _writable
 from oaiproxy.http.resource import ProxyRequest, _Body
 from tests.support.fakes import forbid_temporary_files, make_harness, parse_response, post
+from tests.support.servers import raw_exchange, start_mock, start_proxy
 
 
 def error_of(raw: bytes) -> tuple[int, dict[str, object], dict[bytes, list[bytes]]]:
@@ -402,6 +403,56 @@ class WriteTests(SynchronousTestCase):
         channel: Any = _RecordingChannel()
         ours = vars(ProxyRequest(channel))
         twisted = vars(server.Request(channel, False, parsePOSTFormSubmission=False))
-        self.assertEqual(sorted(ours), sorted(twisted))
-        for name in ("queued", "_parsePOSTFormSubmission", "channel", "transport", "client"):
+        # What no request changes is set once, on the class: equal values, read-only.
+        on_class = {"queued", "_parsePOSTFormSubmission", "received_cookies", "cookies"}
+        self.assertEqual(sorted(ours), sorted(set(twisted) - on_class))
+        for name in ("channel", "transport", "client", "host"):
             self.assertEqual(ours[name], twisted[name], name)
+        request: Any = ProxyRequest(channel)
+        for name in on_class:
+            self.assertEqual(type(twisted[name])(getattr(request, name)), twisted[name], name)
+        with self.assertRaises(TypeError):
+            request.received_cookies[b"a"] = b"b"  # shared: never written
+
+    def test_cookie_added(self) -> None:
+        """A cookie added goes on a list of the request's own; the class's stays empty."""
+        channel: Any = _RecordingChannel()
+        request: Any = ProxyRequest(channel)
+        request.addCookie(b"a", b"b")
+        self.assertEqual(request.cookies, [b"a=b"])
+        self.assertEqual(ProxyRequest(channel).cookies, ())
+        self.assertEqual(ProxyRequest.cookies, ())
+
+
+class RequestLayoutTests(TestCase):
+    """A request object keeps few attributes of its own, whatever its answer."""
+
+    async def test_few_names(self) -> None:
+        """
+        Whole and streamed answers set at most 29 attribute names on their requests, all
+        told: past that, CPython 3.11 turns each request's attributes into a dictionary
+        when it sets one more (slower to read for the rest of its life).
+        """
+        mock = start_mock(self, "a")
+        proxy = start_proxy(self, [mock.upstream()])
+        names: list[set[str]] = []
+        finish = ProxyRequest.finish
+
+        def recording(request: ProxyRequest) -> None:
+            finish(request)
+            names.append(set(vars(request)))  # at the end: vars() makes the dictionary
+
+        self.patch(ProxyRequest, "finish", recording)
+        for stream in (False, True):
+            body = json.dumps({"model": "m", "stream": stream, "messages": []}).encode()
+            raw = await raw_exchange(
+                proxy.http_port,
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body),
+            )
+            self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:100])
+        self.assertEqual(len(names), 2)
+        every = set().union(*names) | {"channel", "content"}  # set, then deleted by finish
+        self.assertLessEqual(len(every), 29, sorted(every))
+        self.assertIn("chunked", names[1])  # the streamed answer's request set its names
