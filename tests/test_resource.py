@@ -13,10 +13,12 @@ from twisted.web.http import Request as HTTPRequest
 
 from oaiproxy.config import Limits
 from oaiproxy.http.early import reason_phrase
+from oaiproxy.http.h1server import H1Channel
+from oaiproxy.http.h2fix import ProxyH2Connection
 from oaiproxy.http.relay import _writable
 from oaiproxy.http.resource import ProxyRequest, _Body
 from tests.support.fakes import forbid_temporary_files, make_harness, parse_response, post
-from tests.support.servers import raw_exchange, start_mock, start_proxy
+from tests.support.servers import connect_h2, raw_exchange, start_mock, start_proxy, within
 
 
 def error_of(raw: bytes) -> tuple[int, dict[str, object], dict[bytes, list[bytes]]]:
@@ -436,9 +438,11 @@ class RequestLayoutTests(TestCase):
         mock = start_mock(self, "a")
         proxy = start_proxy(self, [mock.upstream()])
         names: list[set[str]] = []
+        channels: list[Any] = []
         finish = ProxyRequest.finish
 
         def recording(request: ProxyRequest) -> None:
+            channels.append(request.channel)
             finish(request)
             names.append(set(vars(request)))  # at the end: vars() makes the dictionary
 
@@ -456,3 +460,29 @@ class RequestLayoutTests(TestCase):
         every = set().union(*names) | {"channel", "content"}  # set, then deleted by finish
         self.assertLessEqual(len(every), 29, sorted(every))
         self.assertIn("chunked", names[1])  # the streamed answer's request set its names
+        # Their HTTP/1.1 channels too (their own state is in slots).
+        for channel in channels:
+            self.assertIsInstance(channel, H1Channel)
+            self.assertLessEqual(len(vars(channel)), 29, sorted(vars(channel)))
+
+    async def test_few_names_http2(self) -> None:
+        """And an HTTP/2 connection, whose state is Twisted's and the proxy's."""
+        mock = start_mock(self, "a")
+        proxy = start_proxy(self, [mock.upstream()])
+        streams: list[Any] = []
+        finish = ProxyRequest.finish
+
+        def recording(request: ProxyRequest) -> None:
+            streams.append(request.channel)
+            finish(request)
+
+        self.patch(ProxyRequest, "finish", recording)
+        client = await connect_h2(self, proxy)
+        for stream in (False, True):
+            body = json.dumps({"model": "m", "stream": stream, "messages": []}).encode()
+            response = client.request(b"/v1/chat/completions", body)
+            await within(response.done, "the answer")
+            self.assertEqual(response.status, 200)
+        [connection] = {id(s._conn): s._conn for s in streams}.values()
+        self.assertIsInstance(connection, ProxyH2Connection)
+        self.assertLessEqual(len(vars(connection)), 29, sorted(vars(connection)))
