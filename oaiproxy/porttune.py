@@ -15,15 +15,15 @@ abort, which builds the exception's class names.
 
 L{TunedPort} and L{TunedServer} do the same with less: one accept loop without the logger
 (an accept error, and everything after it in that turn, is left to Twisted's loop, which
-logs and recovers as it always does), the peer's address made once and kept, the strings made
-when asked for, half-close support asked of zope once per protocol class, and the abort told
-by the exception's class. Reads go straight from C{recv} to the protocol, one Python call
-fewer per read. Everything else is Twisted's: writing, producers, TLS, aborting, closing.
-C{bench/ab.py instructions --protocol http1-new}: 717,607 to 625,473 instructions per
-request on a new connection (-12.8%), with two changes beside this module: the plain
-HTTP/1.1 listener's protocol built without Twisted's HTTP/1.1-or-HTTP/2 switch
-(L{oaiproxy.http.h2fix.ProxySite.plain_factory}), and the request's local address asked
-for only when read (L{oaiproxy.http.resource.ProxyRequest.host}).
+logs and recovers as it always does), the peer's address made once and kept, the local
+address object made once per local address (not per connection), the log prefix and the
+C{repr} made when asked for, half-close support asked of zope once per protocol class
+(unless an instance declares its own), and the abort told by the exception's class. Reads
+go straight from C{recv} to the protocol, one Python call fewer per read. Everything else is
+Twisted's: writing, producers, TLS, aborting, closing. With the plain HTTP/1.1 listener's
+protocol built without Twisted's HTTP/1.1-or-HTTP/2 switch
+(L{oaiproxy.http.h2fix.ProxySite.plain_factory}): C{bench/ab.py instructions --protocol
+http1-new} 717,607 to 642,514 instructions per request on a new connection (-10.5%).
 
 The endpoints (L{TCP4ServerEndpoint}, L{TCP6ServerEndpoint}, L{SSL4ServerEndpoint}, Twisted's
 own with C{listen} overridden) listen with L{TunedPort} on a reactor of Twisted's POSIX
