@@ -9,8 +9,8 @@ import warnings
 from functools import partial
 from typing import Any
 
+from twisted.internet import main, tcp
 from twisted.internet import reactor as _reactor
-from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
@@ -23,11 +23,14 @@ from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import alsoProvides, implementer
 
 from oaiproxy import porttune
+from oaiproxy.http.eagerconnect import _EagerClient
 from oaiproxy.porttune import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
     TunedPort,
     TunedServer,
+    read_and_deliver,
+    reads_as_written,
     tuned_for,
 )
 from tests.support.servers import wait_for
@@ -459,3 +462,51 @@ async def _lost(protocol: _Server | _Client) -> Failure:
     await protocol.lost
     assert protocol.reason is not None
     return protocol.reason
+
+
+class _Socket:
+    """A socket whose recv gives one outcome: bytes, or an error raised."""
+
+    def __init__(self, outcome: bytes | OSError) -> None:
+        self.outcome = outcome
+
+    def recv(self, size: int) -> bytes:
+        if isinstance(self.outcome, OSError):
+            raise self.outcome
+        return self.outcome
+
+
+class _Connection:
+    """What read_and_deliver reads of a connection."""
+
+    bufferSize = 65536
+
+    def __init__(self, outcome: bytes | OSError) -> None:
+        self.socket = _Socket(outcome)
+        self.received: list[bytes] = []
+        self.protocol = self
+        self.dataReceived = self.received.append
+
+
+class ReadTests(TestCase):
+    """A read as Twisted's C{Connection.doRead} and C{_dataReceived} make it."""
+
+    def test_outcomes(self) -> None:
+        """Bytes are delivered; the end is a clean loss; EAGAIN nothing; other errors a loss."""
+        data = _Connection(b"abc")
+        self.assertIsNone(read_and_deliver(data))
+        self.assertEqual(data.received, [b"abc"])
+        end = _Connection(b"")
+        self.assertIs(read_and_deliver(end), main.CONNECTION_DONE)
+        self.assertEqual(end.received, [])
+        again = _Connection(BlockingIOError(errno.EAGAIN, "again"))
+        self.assertIsNone(read_and_deliver(again))
+        reset = _Connection(ConnectionResetError(errno.ECONNRESET, "reset"))
+        self.assertIs(read_and_deliver(reset), main.CONNECTION_LOST)
+        self.assertEqual(reset.received, [])
+
+    def test_used_where_written_for(self) -> None:
+        """The tuned server connections and the upstream connections read so."""
+        self.assertTrue(reads_as_written())
+        self.assertIs(TunedServer.doRead, read_and_deliver)
+        self.assertIs(_EagerClient.doRead, read_and_deliver)

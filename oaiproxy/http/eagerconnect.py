@@ -45,6 +45,8 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
+from oaiproxy.porttune import read_and_deliver, reads_as_written
+
 __all__ = ["EagerTCPEndpoint"]
 
 _log = Logger()
@@ -62,6 +64,11 @@ class _EagerClient(tcp.Client):
     _eager_error = 0
     #: What the protocol's set-up raised, when it was connected here.
     eager_failure: Failure | None = None
+
+    if reads_as_written():
+        # Each upstream read (a streamed event) one Python call shorter; while connecting,
+        # Twisted's connector puts its own doRead on the instance.
+        doRead = read_and_deliver
 
     def try_now(self) -> None:
         """Connect now if the kernel completes the handshake at once; else leave it be."""
