@@ -241,8 +241,50 @@ def read_and_deliver(connection: Any) -> Any:
 
 
 def reads_as_written() -> bool:
-    """Whether Twisted's C{tcp.Connection} reads as L{read_and_deliver} does."""
-    return _TWISTED_AS_WRITTEN
+    """
+    Whether Twisted's C{tcp.Connection} reads as L{read_and_deliver} does, and its client
+    connections too: C{tcp.Client} reads with C{Connection.doRead}, and while connecting
+    C{BaseClient.doConnect} puts its own C{doRead} on the instance (and takes it off).
+    """
+    return (
+        _TWISTED_AS_WRITTEN
+        and tcp.Client.doRead is tcp.Connection.doRead
+        and frozenset(tcp.BaseClient.doConnect.__code__.co_names) == _DO_CONNECT_NAMES
+    )
+
+
+#: The names Twisted 26.10.0's C{BaseClient.doConnect} uses.
+_DO_CONNECT_NAMES = frozenset(
+    [
+        "EALREADY",
+        "EINPROGRESS",
+        "EINVAL",
+        "EISCONN",
+        "EWOULDBLOCK",
+        "OSError",
+        "SOL_SOCKET",
+        "SO_ERROR",
+        "_connectDone",
+        "args",
+        "connect_ex",
+        "doConnect",
+        "doRead",
+        "doWrite",
+        "error",
+        "failIfNotConnected",
+        "getConnectError",
+        "getsockopt",
+        "hasattr",
+        "platformType",
+        "realAddress",
+        "socket",
+        "startReading",
+        "startWriting",
+        "stopReading",
+        "stopWriting",
+        "strerror",
+    ]
+)
 
 
 #: Whether each protocol class seen is half-closeable, asked of zope once per class (an

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
+import sys
 from typing import Any
 
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.http import Request as HTTPRequest
 
 from oaiproxy.config import Limits
@@ -460,10 +463,46 @@ class RequestLayoutTests(TestCase):
         every = set().union(*names) | {"channel", "content"}  # set, then deleted by finish
         self.assertLessEqual(len(every), 29, sorted(every))
         self.assertIn("chunked", names[1])  # the streamed answer's request set its names
+        on_class = {"queued", "_parsePOSTFormSubmission", "received_cookies", "cookies"}
+        on_class |= {"args", "prepath", "postpath"}
+        self.assertEqual([n & on_class for n in names], [set(), set()])
         # Their HTTP/1.1 channels too (their own state is in slots).
         for channel in channels:
             self.assertIsInstance(channel, H1Channel)
             self.assertLessEqual(len(vars(channel)), 29, sorted(vars(channel)))
+
+    async def test_compact_after_a_burst(self) -> None:
+        """
+        Requests started together before any finished leave those after them with their
+        attributes in CPython 3.11's compact array (not a dictionary).
+        """
+        if sys.implementation.name != "cpython" or sys.version_info[:2] != (3, 11):
+            raise SkipTest("reads CPython 3.11's object layout")
+        mock = start_mock(self, "a")
+        proxy = start_proxy(self, [mock.upstream()])
+        compact: list[bool] = []
+        finish = ProxyRequest.finish
+
+        def recording(request: ProxyRequest) -> None:
+            finish(request)
+            compact.append(_compact(request))
+
+        self.patch(ProxyRequest, "finish", recording)
+
+        def raw(stream: bool) -> bytes:
+            body = json.dumps({"model": "m", "stream": stream, "messages": []}).encode()
+            return (
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+
+        burst = [ensureDeferred(raw_exchange(proxy.http_port, raw(True))) for _ in range(12)]
+        await gatherResults(burst)
+        for stream in (False, True):
+            await raw_exchange(proxy.http_port, raw(stream))
+        self.assertEqual(len(compact), 14)
+        self.assertEqual(compact[-2:], [True, True])
 
     async def test_few_names_http2(self) -> None:
         """And an HTTP/2 connection, whose state is Twisted's and the proxy's."""
@@ -486,3 +525,13 @@ class RequestLayoutTests(TestCase):
         [connection] = {id(s._conn): s._conn for s in streams}.values()
         self.assertIsInstance(connection, ProxyH2Connection)
         self.assertLessEqual(len(vars(connection)), 29, sorted(vars(connection)))
+
+
+def _compact(obj: object) -> bool:
+    """
+    Whether C{obj} keeps its attributes in CPython 3.11's compact array: the pointer to it,
+    two words before the object's garbage collector header, is set (a dictionary made for
+    the object takes the array and clears it).
+    """
+    word = ctypes.sizeof(ctypes.c_void_p)
+    return bool(ctypes.c_void_p.from_address(id(obj) - 4 * word).value)

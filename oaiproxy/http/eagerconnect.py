@@ -67,7 +67,7 @@ class _EagerClient(tcp.Client):
 
     if reads_as_written():
         # Each upstream read (a streamed event) one Python call shorter; while connecting,
-        # Twisted's connector puts its own doRead on the instance.
+        # Twisted's BaseClient.doConnect puts its own doRead on the instance.
         doRead = read_and_deliver
 
     def try_now(self) -> None:

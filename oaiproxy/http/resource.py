@@ -323,7 +323,64 @@ class ProxyRequest(server.Request):
 
 def request_factory(max_body_bytes: int) -> type[ProxyRequest]:
     """A L{ProxyRequest} class with the given body cap, for C{Site.requestFactory}."""
-    return type("ProxyRequest", (ProxyRequest,), {"max_body_bytes": max_body_bytes})
+    cls = type("ProxyRequest", (ProxyRequest,), {"max_body_bytes": max_body_bytes})
+    _prime(cls)
+    return cls
+
+
+#: The attribute names a request sets on itself (Twisted's code and the proxy's), for a whole
+#: and a streamed answer over HTTP/1.1 and HTTP/2, a client that goes away, and a body-less
+#: answer (Twisted swaps in a C{write} of its own). Rarer ones (a body over the cap) may come
+#: on top.
+_REQUEST_NAMES = (
+    "notifications",
+    "channel",
+    "client",
+    "host",
+    "requestHeaders",
+    "responseHeaders",
+    "transport",
+    "_adapterCache",
+    "content",
+    "_received",
+    "method",
+    "uri",
+    "clientproto",
+    "path",
+    "site",
+    "sitepath",
+    "_oaiproxy_request_id",
+    "on_client_lost",
+    "streamingProducer",
+    "producer",
+    "code",
+    "code_message",
+    "startedWriting",
+    "chunked",
+    "sentLength",
+    "finished",
+    "_disconnected",
+    "write",
+)
+
+
+def _prime(cls: type[ProxyRequest]) -> None:
+    """
+    Put every name of L{_REQUEST_NAMES} in C{cls}'s table of its instances' attribute names,
+    by setting them on an instance made for that and dropped.
+
+    In CPython 3.11 the table holds at most 29 names, and each instance made while it has
+    room takes one of those places for good: a burst of requests started before the first
+    one finished (a client opening many streams at once after a restart) would fill it
+    before the names set late in a request (its answer's) are in, and every request after
+    would keep its attributes in a dictionary, slower to read (see L{ProxyRequest}).
+    """
+    probe = cls.__new__(cls)
+    for name in _REQUEST_NAMES:
+        object.__setattr__(probe, name, None)
+
+
+_prime(ProxyRequest)
 
 
 def _request_id(request: server.Request) -> bytes:
