@@ -78,7 +78,8 @@ class Harness:
         config = ProxyConfig(listeners=(ListenerConfig(kind="tcp", port=9000),), pools=(pool,))
         site = build_site(config, self.reactor, pool, {})
         self.client = _Client()
-        server = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9000))
+        # As a plain listener serves it (service.build_service): the channel alone.
+        server = site.plain_factory().buildProtocol(IPv4Address("TCP", "127.0.0.1", 9000))
         peer = IPv4Address("TCP", "127.0.0.1", 40000)
         self.downstream = iosim.connect(
             server,
