@@ -498,46 +498,41 @@ def _listen_tuned(
     return listening
 
 
-class TCP4ServerEndpoint(endpoints.TCP4ServerEndpoint):
+class _TunedTCPListen:
+    """The C{listen} of the TCP endpoints here: with L{TunedPort} where L{tuned_for} says so."""
+
+    _reactor: Any
+    _port: int
+    _backlog: int
+    _interface: str
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        if not tuned_for(self._reactor):
+            twisteds: Any = super()
+            listening: Deferred[IListeningPort] = twisteds.listen(protocolFactory)
+            return listening
+        return execute(
+            _listen_tuned,
+            self._reactor,
+            self._port,
+            protocolFactory,
+            self._backlog,
+            self._interface,
+        )
+
+
+class TCP4ServerEndpoint(_TunedTCPListen, endpoints.TCP4ServerEndpoint):
     """Twisted's, listening with L{TunedPort} where L{tuned_for} says so."""
 
     def __init__(self, reactor: Any, port: int, backlog: int = 50, interface: str = "") -> None:
         super().__init__(reactor, port, backlog, interface)  # type: ignore[no-untyped-call]
 
-    @override
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        if not tuned_for(self._reactor):
-            listening: Deferred[IListeningPort] = super().listen(protocolFactory)  # type: ignore[no-untyped-call]
-            return listening
-        return execute(
-            _listen_tuned,
-            self._reactor,
-            self._port,
-            protocolFactory,
-            self._backlog,
-            self._interface,
-        )
 
-
-class TCP6ServerEndpoint(endpoints.TCP6ServerEndpoint):
+class TCP6ServerEndpoint(_TunedTCPListen, endpoints.TCP6ServerEndpoint):
     """Twisted's, listening with L{TunedPort} where L{tuned_for} says so."""
 
     def __init__(self, reactor: Any, port: int, backlog: int = 50, interface: str = "::") -> None:
         super().__init__(reactor, port, backlog, interface)  # type: ignore[no-untyped-call]
-
-    @override
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        if not tuned_for(self._reactor):
-            listening: Deferred[IListeningPort] = super().listen(protocolFactory)  # type: ignore[no-untyped-call]
-            return listening
-        return execute(
-            _listen_tuned,
-            self._reactor,
-            self._port,
-            protocolFactory,
-            self._backlog,
-            self._interface,
-        )
 
 
 def _listen_tuned_tls(
