@@ -48,6 +48,20 @@ class _Greeter(Protocol):
         self.transport.write(b"hello")
 
 
+class _Reader(Protocol):
+    """Keeps what it reads and why its connection was lost."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.lost = reason
+
+
 class _Broken(Protocol):
     """Raises from connectionMade; keeps why its connection was lost."""
 
@@ -107,6 +121,36 @@ class EagerConnectTests(TestCase):
         assert protocol.transport is not None
         self.addCleanup(protocol.transport.loseConnection)
         await wait_for(lambda: bool(servers) and servers[0].data == b"hello", "the greeting")
+
+    async def test_connection_feeds_the_protocol_itself(self) -> None:
+        """
+        Once connected in the call, the connection reads into the caller's protocol itself,
+        not the endpoint's wrapper: bytes, then the loss.
+        """
+        await self.feeds_itself()
+
+    async def test_connection_feeds_the_protocol_itself_twisteds_path(self) -> None:
+        """The same for a connection made on Twisted's path (the handshake not done at once)."""
+        self.patch(eagerconnect._EagerClient, "try_now", lambda client: None)
+        await self.feeds_itself()
+
+    async def feeds_itself(self) -> None:
+        port, servers = self.listen()
+        built: list[_Reader] = []
+        protocol = await EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(
+            _keeping(_Reader, built)
+        )
+        [reader] = built
+        self.assertIs(protocol, reader)
+        transport: Any = reader.transport
+        # (On Twisted's path, the Deferred fires inside the set-up, before the swap.)
+        await wait_for(lambda: transport.protocol is reader, "the protocol itself fed")
+        await wait_for(lambda: bool(servers), "the server's side")
+        server_transport: Any = servers[0].transport
+        server_transport.write(b"answer")
+        await wait_for(lambda: reader.data == b"answer", "the answer")
+        server_transport.loseConnection()
+        await wait_for(lambda: reader.lost is not None, "the loss")
 
     async def test_ipv6_connected_in_the_call(self) -> None:
         """Over IPv6 too; the peer's address is as Twisted gives it."""

@@ -37,7 +37,7 @@ from typing import Any
 
 from twisted.internet import error, tcp
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import _WrappingFactory
+from twisted.internet.endpoints import _WrappingFactory, _WrappingProtocol
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
@@ -100,7 +100,7 @@ class _EagerClient(tcp.Client):
         else:
             self.realAddress = address
         try:
-            self._connectDone()  # type: ignore[no-untyped-call]  # Twisted is unannotated
+            self._connectDone()
         except BaseException as e:
             # As the reactor does when a connection's handler raises: logged, and the
             # connection lost with it (the protocol told, the socket closed).
@@ -108,6 +108,19 @@ class _EagerClient(tcp.Client):
             _log.failure("Setting up an upstream connection failed", self.eager_failure)
             reactor: Any = self.reactor
             reactor._disconnectSelectable(self, e, False)
+
+    @override
+    def _connectDone(self) -> None:
+        """
+        Twisted's; then, once the endpoint's wrapping protocol has connected the caller's
+        protocol (and fired the endpoint's Deferred), the connection feeds the caller's
+        protocol itself: the wrapper would only pass each read, and the loss, on to it (one
+        Python call more per upstream read: per streamed event).
+        """
+        super()._connectDone()  # type: ignore[no-untyped-call]  # Twisted is unannotated
+        wrapping: Any = self.protocol
+        if type(wrapping) is _WrappingProtocol and wrapping._connectedDeferred.called:
+            self.protocol = wrapping._wrappedProtocol
 
     @override
     def resolveAddress(self) -> None:
