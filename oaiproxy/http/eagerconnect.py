@@ -25,7 +25,10 @@ Written against Twisted 26.10.0: it subclasses C{tcp.Client} and C{tcp.Connector
 their private C{_requiresResolution}, C{_connectDone} and C{resolveAddress} (the scheduled
 first step), and C{endpoints._WrappingFactory}, as C{TCP4ClientEndpoint} does (clearing its
 C{_connector} once the connection is lost, with the connector's C{transport}: reference
-cycles otherwise, one per upstream connection).
+cycles otherwise, one per upstream connection). Once connected, a connection feeds the
+caller's protocol itself (C{_WrappingProtocol}'s private C{_wrappedProtocol}, once its
+C{_connectedDeferred} fired), and reads with L{oaiproxy.porttune.read_and_deliver}: two
+Python calls fewer per upstream read.
 """
 
 from __future__ import annotations
