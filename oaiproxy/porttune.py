@@ -31,9 +31,10 @@ family whose C{tcp} module is as written for here (L{tuned_for}), and as Twisted
 do everywhere else (another Twisted, a test's C{MemoryReactor}).
 
 Written against Twisted 26.10.0, private API included (C{tcp.Port}, C{tcp.Server},
-C{tcp.Connection} and C{abstract.FileDescriptor} internals; the endpoints' C{_reactor},
-C{_port}, C{_backlog}, C{_interface} and C{_sslContextFactory}): the methods replaced or
-copied are checked by the names their code uses (L{_AS_WRITTEN}).
+C{tcp.Connection}, C{abstract.FileDescriptor} and C{tcp.BaseClient.doConnect} internals;
+the endpoints' C{_reactor}, C{_port}, C{_backlog}, C{_interface} and
+C{_sslContextFactory}): the methods replaced or copied are checked by the names their code
+uses (L{_AS_WRITTEN}).
 """
 
 from __future__ import annotations
@@ -182,6 +183,38 @@ _AS_WRITTEN: dict[tuple[type, str], frozenset[str]] = {
     (tcp.Server, "getHost"): frozenset(["_addressType", "_getsockname", "socket"]),
     (tcp.Server, "__repr__"): frozenset(["repstr"]),
     (tcp.Connection, "logPrefix"): frozenset(["logstr"]),
+    # While a client connects, its own doRead is on the instance (see reads_as_written).
+    (tcp.BaseClient, "doConnect"): frozenset(
+        [
+            "EALREADY",
+            "EINPROGRESS",
+            "EINVAL",
+            "EISCONN",
+            "EWOULDBLOCK",
+            "OSError",
+            "SOL_SOCKET",
+            "SO_ERROR",
+            "_connectDone",
+            "args",
+            "connect_ex",
+            "doConnect",
+            "doRead",
+            "doWrite",
+            "error",
+            "failIfNotConnected",
+            "getConnectError",
+            "getsockopt",
+            "hasattr",
+            "platformType",
+            "realAddress",
+            "socket",
+            "startReading",
+            "startWriting",
+            "stopReading",
+            "stopWriting",
+            "strerror",
+        ]
+    ),
 }
 
 
@@ -246,45 +279,7 @@ def reads_as_written() -> bool:
     connections too: C{tcp.Client} reads with C{Connection.doRead}, and while connecting
     C{BaseClient.doConnect} puts its own C{doRead} on the instance (and takes it off).
     """
-    return (
-        _TWISTED_AS_WRITTEN
-        and tcp.Client.doRead is tcp.Connection.doRead
-        and frozenset(tcp.BaseClient.doConnect.__code__.co_names) == _DO_CONNECT_NAMES
-    )
-
-
-#: The names Twisted 26.10.0's C{BaseClient.doConnect} uses.
-_DO_CONNECT_NAMES = frozenset(
-    [
-        "EALREADY",
-        "EINPROGRESS",
-        "EINVAL",
-        "EISCONN",
-        "EWOULDBLOCK",
-        "OSError",
-        "SOL_SOCKET",
-        "SO_ERROR",
-        "_connectDone",
-        "args",
-        "connect_ex",
-        "doConnect",
-        "doRead",
-        "doWrite",
-        "error",
-        "failIfNotConnected",
-        "getConnectError",
-        "getsockopt",
-        "hasattr",
-        "platformType",
-        "realAddress",
-        "socket",
-        "startReading",
-        "startWriting",
-        "stopReading",
-        "stopWriting",
-        "strerror",
-    ]
-)
+    return _TWISTED_AS_WRITTEN and tcp.Client.doRead is tcp.Connection.doRead
 
 
 #: Whether each protocol class seen is half-closeable, asked of zope once per class (an
@@ -492,7 +487,7 @@ class TunedPort(tcp.Port):
 
 def _listen_tuned(
     reactor: Any, port: int, factory: IProtocolFactory, backlog: int, interface: str
-) -> IListeningPort:
+) -> TunedPort:
     listening = TunedPort(port, factory, backlog, interface, reactor)
     listening.startListening()
     return listening
@@ -543,13 +538,11 @@ def _listen_tuned_tls(
     context_factory: Any,
     backlog: int,
     interface: str,
-) -> IListeningPort:
+) -> TunedPort:
     """What Twisted's C{listenSSL} does (TLS in memory over a TCP port), on L{TunedPort}."""
-    listening = TunedPort(
-        port, TLSMemoryBIOFactory(context_factory, False, factory), backlog, interface, reactor
-    )
+    tls = TLSMemoryBIOFactory(context_factory, False, factory)
+    listening = _listen_tuned(reactor, port, tls, backlog, interface)
     listening._type = "TLS"
-    listening.startListening()
     return listening
 
 

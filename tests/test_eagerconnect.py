@@ -22,6 +22,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from oaiproxy.http import eagerconnect
 from oaiproxy.http.eagerconnect import EagerTCPEndpoint
+from tests.support.fakes import Recorder
 from tests.support.servers import refused_port, wait_for
 
 reactor: Any = _reactor
@@ -46,20 +47,6 @@ class _Greeter(Protocol):
         self.made = True
         assert self.transport is not None
         self.transport.write(b"hello")
-
-
-class _Reader(Protocol):
-    """Keeps what it reads and why its connection was lost."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.lost: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.lost = reason
 
 
 class _Broken(Protocol):
@@ -136,9 +123,9 @@ class EagerConnectTests(TestCase):
 
     async def feeds_itself(self) -> None:
         port, servers = self.listen()
-        built: list[_Reader] = []
+        built: list[Recorder] = []
         protocol = await EagerTCPEndpoint(reactor, "127.0.0.1", port).connect(
-            _keeping(_Reader, built)
+            _keeping(Recorder, built)
         )
         [reader] = built
         self.assertIs(protocol, reader)
@@ -148,7 +135,7 @@ class EagerConnectTests(TestCase):
         await wait_for(lambda: bool(servers), "the server's side")
         server_transport: Any = servers[0].transport
         server_transport.write(b"answer")
-        await wait_for(lambda: reader.data == b"answer", "the answer")
+        await wait_for(lambda: reader.received == b"answer", "the answer")
         server_transport.loseConnection()
         await wait_for(lambda: reader.lost is not None, "the loss")
 

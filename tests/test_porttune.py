@@ -172,6 +172,14 @@ class TunedConnectionTests(TestCase):
         client.transport.loseConnection()
         return client.lost
 
+    async def pair(self) -> tuple[_Client, _Server]:
+        """A client connected to a tuned port, and the server's protocol for it."""
+        factory = _Factory()
+        client = await self.connect(await self.serve(factory))
+        await wait_for(lambda: bool(factory.built), "the connection")
+        [server] = factory.built
+        return client, server
+
     async def test_exchange_and_addresses(self) -> None:
         """
         The protocol reads and writes; its transport's peer is the address its factory was
@@ -220,13 +228,9 @@ class TunedConnectionTests(TestCase):
 
     async def test_client_closes(self) -> None:
         """A client's close reaches the protocol as a clean end, and the socket is closed."""
-        factory = _Factory()
-        port = await self.serve(factory)
-        client = await self.connect(port)
-        await wait_for(lambda: bool(factory.built), "the connection")
+        client, server = await self.pair()
         assert client.transport is not None
         client.transport.loseConnection()
-        [server] = factory.built
         reason = await _lost(server)
         self.assertTrue(reason.check(ConnectionDone))
         self.assertFalse(hasattr(server.transport, "socket"))
@@ -238,11 +242,7 @@ class TunedConnectionTests(TestCase):
 
     async def test_server_closes(self) -> None:
         """The server's orderly close reaches the client as a clean end."""
-        factory = _Factory()
-        port = await self.serve(factory)
-        client = await self.connect(port)
-        await wait_for(lambda: bool(factory.built), "the connection")
-        [server] = factory.built
+        client, server = await self.pair()
         assert server.transport is not None
         server.transport.loseConnection()
         self.assertTrue((await _lost(client)).check(ConnectionDone))
@@ -250,11 +250,7 @@ class TunedConnectionTests(TestCase):
 
     async def test_abort_resets(self) -> None:
         """An abort closes with a reset, as Twisted's does: the client sees a lost connection."""
-        factory = _Factory()
-        port = await self.serve(factory)
-        client = await self.connect(port)
-        await wait_for(lambda: bool(factory.built), "the connection")
-        [server] = factory.built
+        client, server = await self.pair()
         server.transport.abortConnection()  # type: ignore[union-attr]
         self.assertTrue((await _lost(server)).check(ConnectionAborted))
         reason = await _lost(client)

@@ -24,7 +24,7 @@ from twisted.internet.endpoints import (
     TCP6ServerEndpoint,
 )
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -35,7 +35,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactor
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -46,25 +45,12 @@ from oaiproxy.tls import (
     server_context_factory,
     upstream_tls_options,
 )
+from tests.support.fakes import Recorder
 
 _DAY = 24 * 60 * 60.0
 
 
-class _Recorder(Protocol):
-    """An application protocol that keeps what it receives and why its connection ended."""
-
-    def __init__(self) -> None:
-        self.received = b""
-        self.lost: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost = reason
-
-
-class _Greeter(_Recorder):
+class _Greeter(Recorder):
     """A server that speaks first, so a client sees bytes only after a successful handshake."""
 
     def connectionMade(self) -> None:
@@ -81,7 +67,7 @@ class _Handshake:
         client_options: IOpenSSLClientConnectionCreator | CertificateOptions,
     ) -> None:
         self.server_app = _Greeter()
-        self.client_app = _Recorder()
+        self.client_app = Recorder()
         # TLS coalesces small writes with callLater(0): one fake clock, advanced by the pump.
         clock = Clock()
         server_factory = TLSMemoryBIOFactory(

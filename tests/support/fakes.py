@@ -17,6 +17,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITCPTransport,
 )
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,6 +32,20 @@ from oaiproxy.config import Deadlines, Limits, PoolConfig, UpstreamConfig
 from oaiproxy.http.forwarder import Forwarder
 from oaiproxy.http.h2fix import ProxySite
 from oaiproxy.http.resource import ProxyResource, request_factory
+
+
+class Recorder(Protocol):
+    """An application protocol that keeps what it receives and why its connection ended."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = reason
 
 
 @implementer(IStreamClientEndpoint)
