@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -33,7 +34,7 @@ from zope.interface.verify import verifyObject
 
 from oaiproxy.errors import InvalidRequest, UpstreamConnectFailed, UpstreamProtocolError
 from oaiproxy.http.client import MAX_HEAD_BYTES, RETRY_WINDOW, UpstreamClient, _Connection
-from oaiproxy.http.forwarder import BytesProducer
+from oaiproxy.http.forwarder import BytesProducer, HandshakeEndpoint
 from oaiproxy.http.headers import downstream_response_headers
 from tests.support.fakes import FakeTCP, RecordingTransport
 
@@ -213,6 +214,63 @@ class ClientCase(SynchronousTestCase):
         self.get()
         self.assertEqual(len(self.endpoint.attempts), attempts + 1, "no new connection")
         self.assertEqual(transport.value(), b"")
+
+
+class HandshakeTests(ClientCase):
+    """
+    Behind L{HandshakeEndpoint} (a TLS upstream), a connection counts as made once its
+    handshake is done: the request waits for it, and a loss before it fails the request
+    with a reason.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.client = UpstreamClient(
+            self.clock, ORIGIN, HandshakeEndpoint(self.endpoint), idle_connections=2, keepalive=10
+        )
+
+    def test_request_waits_for_the_handshake(self) -> None:
+        """Nothing is written before the handshake; the request goes out once it is done."""
+        d = self.get()
+        protocol, transport = self.connect()
+        self.assertEqual(transport.value(), b"")
+        protocol.handshakeCompleted()
+        self.assertEqual(transport.value(), GET)
+        protocol.dataReceived(OK)
+        self.assertEqual(self.response(d).code, 200)
+
+    def test_handshake_done_before_asked(self) -> None:
+        """A handshake done before anyone waits for it is not waited for again."""
+        protocol = _Connection(self.client)
+        protocol.handshakeCompleted()
+        self.assertIs(self.successResultOf(protocol.when_handshaken()), protocol)
+
+    def test_lost_during_handshake(self) -> None:
+        """A connection lost before its handshake fails the request, retryably."""
+        d = self.get()
+        protocol, _ = self.connect()
+        protocol.connectionLost(Failure(ConnectionLost()))
+        failure = self.failureResultOf(d, UpstreamConnectFailed)
+        self.assertEqual(
+            failure.value.message, "upstream TLS handshake failed: the connection was closed"
+        )
+
+    def test_tls_error_during_handshake(self) -> None:
+        """A TLS error says what OpenSSL said."""
+        d = self.get()
+        protocol, _ = self.connect()
+        error = SSL.Error([("SSL routines", "", "tlsv1 alert protocol version")])
+        protocol.connectionLost(Failure(error))
+        failure = self.failureResultOf(d, UpstreamConnectFailed)
+        self.assertIn("protocol version", failure.value.message)
+
+    def test_cancel_during_handshake_aborts(self) -> None:
+        """Cancelling the request during the handshake aborts the connection."""
+        d = self.get()
+        _, transport = self.connect()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(transport.disconnected)
 
 
 class InterfaceTests(ClientCase):

@@ -865,3 +865,54 @@ class RealClientCancellationTests(SynchronousTestCase):
         self.assertFalse(endpoint.cancelled)
         proto.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(endpoint.cancelled)
+
+
+class ConnectDeadlineTests(SynchronousTestCase):
+    """With the real upstream client: the connect deadline, as the client sees it."""
+
+    def harness(self, names: str) -> tuple[ProxyHarness, dict[str, Any]]:
+        from oaiproxy.http.client import UpstreamClient
+        from oaiproxy.http.forwarder import DeadlineEndpoint, Forwarder
+        from tests.support.fakes import HangingEndpoint
+
+        h = make_harness([upstream_config(n) for n in names])
+        endpoints = {n: HangingEndpoint() for n in names}
+        clients = {
+            n: UpstreamClient(
+                h.clock,
+                b"http://%s.invalid:9000" % n.encode(),
+                DeadlineEndpoint(endpoints[n], 5.0, h.clock),
+                idle_connections=4,
+                keepalive=4.0,
+            )
+            for n in names
+        }
+        h.site.resource._forwarder = Forwarder(clients)
+        return h, endpoints
+
+    def test_connect_timeout_504(self) -> None:
+        """No connection within the deadline: the attempt is cancelled and the client gets a
+        504 C{upstream_connect_timeout}, as OpenAI-shaped JSON."""
+        h, endpoints = self.harness("a")
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        h.clock.advance(4.9)
+        self.assertEqual(transport.value(), b"")
+        h.clock.advance(0.2)
+        self.assertTrue(endpoints["a"].cancelled)
+        status, _, body = parse_response(transport.value())
+        self.assertEqual(status, 504)
+        error = json.loads(body)["error"]
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertEqual(error["code"], "upstream_connect_timeout")
+
+    def test_connect_timeout_tries_next(self) -> None:
+        """A connect timeout fails over to the next upstream, whose deadline starts then."""
+        h, endpoints = self.harness("ab")
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        self.assertIsNone(endpoints["b"].attempt)
+        h.clock.advance(5.1)
+        self.assertTrue(endpoints["a"].cancelled)
+        self.assertIsNotNone(endpoints["b"].attempt)
+        self.assertEqual(transport.value(), b"")
+        h.clock.advance(5.0)
+        self.assertEqual(parse_response(transport.value())[0], 504)

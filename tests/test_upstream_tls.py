@@ -10,17 +10,27 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor as _global_reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from oaiproxy.config import Deadlines, ListenerConfig, PoolConfig, ProxyConfig, UpstreamConfig
+from oaiproxy.errors import UpstreamConnectTimeout
+from oaiproxy.http.client import UpstreamClient
+from oaiproxy.http.forwarder import BytesProducer, _endpoint, map_failure
 from oaiproxy.mock import MockConfig, build_mock_site
 from oaiproxy.service import build_site
 from oaiproxy.tls import ensure_self_signed, server_context_factory
 
 # The global reactor's module type says nothing of its interfaces (IReactorTCP, IReactorSSL).
 reactor: Any = _global_reactor
+
+_DONE = Failure(ConnectionDone())
 
 CHAT = json.dumps({"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]})
 
@@ -98,3 +108,46 @@ class UpstreamTLSTests(TestCase):
         code, body, upstream = await self.post(base)
         self.assertEqual((code, upstream), (502, ""))
         self.assertIn("does not name", body["error"]["message"])
+
+    async def test_stalled_handshake_is_a_connect_timeout(self) -> None:
+        """
+        An upstream that takes the TCP connection but never answers the TLS handshake fails
+        the request when the connect deadline expires (a retryable connect timeout), not at
+        the first-byte deadline: the deadline covers the handshake, and the connection is
+        aborted.
+        """
+        hello: Deferred[None] = Deferred()
+        lost: Deferred[None] = Deferred()
+
+        class Silent(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                if not hello.called:
+                    hello.callback(None)  # the ClientHello came
+
+            def connectionLost(self, reason: Failure = _DONE) -> None:
+                lost.callback(None)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        origin = f"https://127.0.0.1:{port.getHost().port}"
+        config = UpstreamConfig(url=origin + "/v1", ca_bundle=self.cert)
+        clock = Clock()
+        client = UpstreamClient(
+            clock,
+            origin.encode(),
+            _endpoint(reactor, config, 2.0, clock),
+            idle_connections=1,
+            keepalive=4.0,
+        )
+        d = client.request(b"POST", origin.encode() + b"/v1/x", None, BytesProducer(b"{}"))
+        await hello
+        clock.advance(1.9)
+        self.assertFalse(d.called)
+        clock.advance(0.2)
+        failures: list[Failure] = []
+        d.addErrback(failures.append)
+        self.assertEqual(len(failures), 1)
+        error = map_failure(failures[0])
+        self.assertIsInstance(error, UpstreamConnectTimeout)
+        self.assertTrue(error.retryable)
+        await lost

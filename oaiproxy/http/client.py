@@ -26,10 +26,11 @@ from typing import Any
 
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHandshakeListener,
     IProtocol,
     IPushProducer,
     IReactorTime,
@@ -456,6 +457,7 @@ class _Call:
             self.deferred.errback(error if isinstance(error, Failure) else Failure(error))
 
 
+@implementer(IHandshakeListener)
 class _Connection(Protocol):
     """One persistent connection to an upstream: a request at a time."""
 
@@ -481,6 +483,9 @@ class _Connection(Protocol):
         #: Whether the connection is in its client's idle pool.
         self.pooled = False
         self.lost: Deferred[None] | None = None
+        # Fired by handshakeCompleted (see when_handshaken).
+        self._handshake: Deferred[_Connection] | None = None
+        self._handshaken = False
 
     @override
     def connectionMade(self) -> None:
@@ -488,6 +493,31 @@ class _Connection(Protocol):
         self._send_now = sender(self.transport)
         # Plain TCP: a request goes straight to the socket (no epoll_ctl pair around it).
         self._write_now = writer(self.transport)
+
+    def when_handshaken(self) -> Deferred[_Connection]:
+        """
+        Fires with this connection once its TLS handshake is done (L{HandshakeEndpoint}: an
+        upstream's connect deadline covers the handshake); fails with an
+        L{UpstreamConnectFailed} saying why if the connection is lost first. Cancelling it
+        aborts the connection.
+        """
+        if self._handshaken:
+            return succeed(self)
+        d: Deferred[_Connection] = Deferred(lambda _: self._abort())
+        self._handshake = d
+        return d
+
+    def handshakeCompleted(self) -> None:
+        """Twisted's TLS layer says the handshake is done: see L{when_handshaken}."""
+        self._handshaken = True
+        d, self._handshake = self._handshake, None
+        if d is not None:
+            d.callback(self)
+
+    def _abort(self) -> None:
+        self._handshake = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     # -- requests ------------------------------------------------------------------------
 
@@ -751,6 +781,13 @@ class _Connection(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         state, self._state = self._state, _CLOSED
         self._client._forget(self)
+        handshake, self._handshake = self._handshake, None
+        if handshake is not None:
+            why = tls_failure(reason.value) if reason.value is not None else None
+            error = UpstreamConnectFailed(
+                f"upstream TLS handshake failed: {why or 'the connection was closed'}"
+            )
+            handshake.errback(Failure(error))
         call, self._call = self._call, None
         if call is not None:
             if (

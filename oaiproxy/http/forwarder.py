@@ -49,6 +49,7 @@ __all__ = [
     "Closeable",
     "DeadlineEndpoint",
     "Forwarder",
+    "HandshakeEndpoint",
     "build_agents",
     "map_failure",
 ]
@@ -114,10 +115,42 @@ class DeadlineEndpoint:
         return d.addTimeout(self._timeout, self._clock, onTimeoutCancel=expired)
 
 
+class _HandshakeAware(Protocol):
+    def when_handshaken(self) -> Deferred[Any]: ...
+
+
+def _handshaken(protocol: _HandshakeAware) -> Deferred[Any]:
+    return protocol.when_handshaken()
+
+
+@implementer(IStreamClientEndpoint)
+class HandshakeEndpoint:
+    """
+    Wraps a TLS endpoint (C{wrapClientTLS}) so that C{connect} fires once the TLS handshake
+    is done, not once TCP is connected, as Twisted's does: a L{DeadlineEndpoint} around it
+    then covers the handshake too, and an upstream that takes the connection but stalls the
+    handshake fails over as one that does not answer the connect. The protocol built must
+    have C{when_handshaken()} (the upstream client's connections do).
+    """
+
+    def __init__(self, wrapped: IStreamClientEndpoint) -> None:
+        self._wrapped = wrapped
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        d: Deferred[Any] = self._wrapped.connect(protocolFactory)
+        return d.addCallback(_handshaken)
+
+
 def _endpoint(
-    reactor: Any, config: UpstreamConfig, connect_timeout: float | None
+    reactor: Any,
+    config: UpstreamConfig,
+    connect_timeout: float | None,
+    clock: IReactorTime | None = None,
 ) -> IStreamClientEndpoint:
-    """Where one upstream's connections are made: TCP, TLS with verification, a deadline."""
+    """
+    Where one upstream's connections are made: TCP, TLS with verification, a deadline (on
+    C{clock}, the reactor unless given) that covers the TLS handshake.
+    """
     endpoint: IStreamClientEndpoint
     # An address needs no name resolution: Twisted's resolver would still send it through
     # getaddrinfo on its thread pool, a thread hop (and a queue) per new connection. Its
@@ -128,8 +161,9 @@ def _endpoint(
         endpoint = HostnameEndpoint(reactor, config.host, config.port)
     if config.is_tls:
         endpoint = wrapClientTLS(upstream_tls_options(config.host, config.ca_bundle), endpoint)
+        endpoint = HandshakeEndpoint(endpoint)
     if connect_timeout is not None:
-        endpoint = DeadlineEndpoint(endpoint, connect_timeout, reactor)
+        endpoint = DeadlineEndpoint(endpoint, connect_timeout, clock or reactor)
     return endpoint
 
 
@@ -186,6 +220,9 @@ def map_failure(failure: Failure) -> ProxyError:
     exc = failure.value
     if isinstance(exc, ProxyError):
         return exc
+    why = tls_failure(exc) if exc is not None else None
+    if why is not None:
+        return UpstreamConnectFailed(f"upstream TLS handshake failed: {why}")
     if isinstance(exc, ConnectDeadlineExpired):
         return UpstreamConnectTimeout(f"upstream connection timed out: {exc}")
     if isinstance(exc, ierror.DNSLookupError):
