@@ -19,8 +19,9 @@ class ProxyError(Exception):
     nothing was sent downstream).
     """
 
-    status: ClassVar[int] = 500
-    error_type: ClassVar[str] = "api_error"
+    # Set by each class; an instance may set its own (L{UpstreamAnswer}).
+    status: int = 500
+    error_type: str = "api_error"
     code: ClassVar[str | None] = None
     retryable: ClassVar[bool] = False
 
@@ -152,6 +153,27 @@ class UpstreamBadStatus(UpstreamError):
 
     code = "upstream_unavailable"
     retryable = True
+
+
+class UpstreamAnswer(UpstreamError):
+    """
+    The last upstream's own C{5xx} or C{429}, whose body is not JSON (a gateway's HTML page,
+    say): its status and its C{Retry-After}, C{retry-after-ms} and C{x-ratelimit-*} headers
+    reach the client, with an OpenAI-shaped body in place of its own.
+    """
+
+    code = "upstream_error"
+
+    def __init__(self, status: int, message: str, passed: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(message)
+        self.status = status
+        if status == 429:
+            self.error_type = "rate_limit_error"
+        self._passed = passed
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The upstream's own headers that say when to come back."""
+        return self._passed
 
 
 class UpstreamProtocolError(UpstreamError):

@@ -45,6 +45,7 @@ def client_buffer_drained(transport: StringTransport) -> None:
 
 CHAT = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
 SSE = {b"content-type": [b"text/event-stream"]}
+JSON = {b"content-type": [b"application/json"]}
 
 
 def logged(testcase: SynchronousTestCase) -> Any:
@@ -301,7 +302,7 @@ class FailoverTests(SynchronousTestCase):
         log = logged(self)
         h.send(post(b"/v1/embeddings", b"{}"))
         h.sent("a")[0].deferred.callback(FakeResponse(500, {}, length=0))
-        h.sent("b")[0].deferred.callback(FakeResponse(502, {}, length=0))
+        h.sent("b")[0].deferred.callback(FakeResponse(502, JSON, length=0))
         lines = log()
         self.assertTrue(
             any("upstream a answered 500" in x and "trying another" in x for x in lines)
@@ -329,15 +330,89 @@ class FailoverTests(SynchronousTestCase):
             self.assertEqual(len(h.sent("b")), int(fails_over), status)
 
     def test_last_503_passed_through(self) -> None:
-        """When no upstream is left, the last upstream answer is relayed as it is."""
+        """When no upstream is left, the last upstream's JSON answer is relayed as it is."""
         h = make_harness([upstream_config("a")])
         _, transport = h.send(post(b"/v1/embeddings", b"{}"))
-        bad = FakeResponse(503, {b"retry-after": [b"7"]}, length=4)
+        headers = {b"retry-after": [b"7"], b"content-type": [b"application/json; charset=utf-8"]}
+        bad = FakeResponse(503, headers, length=4)
         h.sent("a")[0].deferred.callback(bad)
         bad.deliver(b"nope")
         bad.end()
         status, headers, body = parse_response(transport.value())
         self.assertEqual((status, body, headers[b"retry-after"]), (503, b"nope", [b"7"]))
+
+    def test_last_5xx_not_json_made_openai_shaped(self) -> None:
+        """
+        The last upstream's 5xx with a body that is not JSON (a gateway's HTML page) reaches
+        the client with its status and Retry-After, and an OpenAI-shaped body saying what
+        came; the page is thrown away (its connection closed), and the answer logged.
+        """
+        log = logged(self)
+        said = {
+            b"text/html; charset=utf-8": "with a body of type text/html",
+            b"application/jsonx": "with a body of type application/jsonx",
+            None: "with a body that is not JSON",
+        }
+        for media, what in said.items():
+            h = make_harness([upstream_config("a")])
+            _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+            headers = {b"retry-after": [b"7"], b"server": [b"gw"]}
+            if media is not None:
+                headers[b"content-type"] = [media]
+            page = FakeResponse(503, headers, length=9)
+            h.sent("a")[0].deferred.callback(page)
+            self.assertTrue(page.socket.stopped)
+            status, got, body = parse_response(transport.value())
+            self.assertEqual(status, 503, media)
+            self.assertEqual(got[b"retry-after"], [b"7"])
+            self.assertEqual(got[b"content-type"], [b"application/json"])
+            self.assertNotIn(b"server", got)
+            error = json.loads(body)["error"]
+            self.assertEqual(set(error), {"message", "type", "param", "code"})
+            self.assertEqual((error["type"], error["code"]), ("api_error", "upstream_error"))
+            self.assertEqual(error["message"], f"upstream answered 503 Error {what}")
+        self.assertTrue(any("not JSON: passed on as an OpenAI-shaped error" in x for x in log()))
+
+    def test_last_429_not_json_keeps_rate_limit_headers(self) -> None:
+        """A plain-text 429 keeps its status and its rate-limit headers."""
+        h = make_harness([upstream_config("a")])
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        headers = {
+            b"content-type": [b"text/plain"],
+            b"retry-after-ms": [b"1500"],
+            b"x-ratelimit-remaining-requests": [b"0"],
+        }
+        h.sent("a")[0].deferred.callback(FakeResponse(429, headers, length=4))
+        status, got, body = parse_response(transport.value())
+        self.assertEqual(status, 429)
+        self.assertEqual(got[b"retry-after-ms"], [b"1500"])
+        self.assertEqual(got[b"x-ratelimit-remaining-requests"], [b"0"])
+        error = json.loads(body)["error"]
+        self.assertEqual(error["type"], "rate_limit_error")
+        self.assertEqual(
+            error["message"], "upstream answered 429 Error with a body of type text/plain"
+        )
+
+    def test_last_5xx_to_head_passed_through(self) -> None:
+        """A HEAD gets no body either way: the upstream's answer is passed as it is."""
+        h = make_harness([upstream_config("a")])
+        _, transport = h.send(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        busy = FakeResponse(503, {b"retry-after": [b"3"]}, length=0)
+        h.sent("a")[0].deferred.callback(busy)
+        busy.end()
+        status, got, body = parse_response(transport.value())
+        self.assertEqual((status, got[b"retry-after"], body), (503, [b"3"], b""))
+        self.assertNotIn(b"content-type", got)
+
+    def test_last_5xx_empty_body_made_openai_shaped(self) -> None:
+        """An empty 5xx body is no more use to an OpenAI client than a page."""
+        h = make_harness([upstream_config("a")])
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        h.sent("a")[0].deferred.callback(FakeResponse(502, {}, length=0))
+        status, _, body = parse_response(transport.value())
+        self.assertEqual(status, 502)
+        message = json.loads(body)["error"]["message"]
+        self.assertEqual(message, "upstream answered 502 Error with an empty body")
 
     def test_429_cools_the_upstream_down(self) -> None:
         """
@@ -364,7 +439,11 @@ class FailoverTests(SynchronousTestCase):
         """
         h = make_harness([upstream_config("a")])
         _, transport = h.send(post(b"/v1/embeddings", b"{}"))
-        headers = {b"retry-after-ms": [b"1500"], b"x-ratelimit-remaining-requests": [b"0"]}
+        headers = {
+            b"retry-after-ms": [b"1500"],
+            b"x-ratelimit-remaining-requests": [b"0"],
+            **JSON,
+        }
         limited = FakeResponse(429, headers, length=4)
         h.sent("a")[0].deferred.callback(limited)
         limited.deliver(b"slow")
@@ -389,7 +468,7 @@ class FailoverTests(SynchronousTestCase):
         h.send(post(b"/v1/embeddings", b"{}"))
         h.sent("a")[0].deferred.callback(FakeResponse(429, {b"retry-after": [b"30"]}, length=0))
         _, transport = h.send(post(b"/v1/embeddings", b"{}"))  # b, the only one left
-        busy = FakeResponse(503, {}, length=4)
+        busy = FakeResponse(503, JSON, length=4)
         h.sent("b")[1].deferred.callback(busy)
         busy.deliver(b"busy")
         busy.end()

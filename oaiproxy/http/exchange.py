@@ -27,6 +27,7 @@ from oaiproxy.context import RequestContext
 from oaiproxy.errors import (
     NoUpstreamAvailable,
     ProxyError,
+    UpstreamAnswer,
     UpstreamBadStatus,
     UpstreamConnectFailed,
     UpstreamTimeout,
@@ -60,6 +61,38 @@ class _Discard(Protocol):
 # How close (in seconds) a timer's time must be to a deadline to stand for it: the clock
 # moves on between computing a deadline and the reactor timing its call.
 _EPSILON = 0.001
+
+
+def _is_json(response: IResponse) -> bool:
+    """Whether C{response}'s body says it is JSON (C{application/json}, C{...+json})."""
+    types: list[bytes] | None = response.headers.getRawHeaders(b"content-type")
+    if not types:
+        return False
+    media = types[0].partition(b";")[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+def _answer_error(response: IResponse) -> UpstreamAnswer:
+    """The upstream's non-JSON C{5xx} or C{429}, as an OpenAI-shaped error (L{UpstreamAnswer})."""
+    passed = [
+        (name.lower(), value)
+        for name, values in response.headers.getAllRawHeaders()
+        if name.lower() in _PASSED or name.lower().startswith(b"x-ratelimit-")
+        for value in values[:1]
+    ]
+    phrase = response.phrase.decode("ascii", "replace")
+    types = response.headers.getRawHeaders(b"content-type")
+    what = "an empty body" if response.length == 0 else "a body that is not JSON"
+    if types and response.length != 0:
+        media = types[0].partition(b";")[0].strip()[:64].decode("ascii", "replace")
+        what = f"a body of type {media}"
+    return UpstreamAnswer(
+        response.code, f"upstream answered {response.code} {phrase} with {what}", passed
+    )
+
+
+#: The upstream's headers an L{UpstreamAnswer} passes on, beside C{x-ratelimit-*}.
+_PASSED = frozenset({b"retry-after", b"retry-after-ms"})
 
 
 class Exchange:
@@ -224,6 +257,17 @@ class Exchange:
             return
         self._record(str(response.code))
         if response.code >= 500 or response.code == 429:
+            if not _is_json(response) and self._request.method != b"HEAD":
+                # A gateway's HTML page, say: not what an OpenAI client can read.
+                self._cancel_first_byte()
+                response.deliverBody(_Discard())
+                self._log(
+                    "upstream {upstream} answered {status} for {request_id} with a body "
+                    "that is not JSON: passed on as an OpenAI-shaped error",
+                    status=response.code,
+                )
+                self._give_up(_answer_error(response))
+                return
             self._log(
                 "upstream {upstream} answered {status} for {request_id}: passed through",
                 status=response.code,
