@@ -210,6 +210,21 @@ class ForwardingTests(SynchronousTestCase):
         _, headers, _ = parse_response(transport.value())
         self.assertEqual(headers[b"x-request-id"], [b"abc-123"])
 
+    def test_upstreams_own_request_id_passed_through(self) -> None:
+        """
+        An upstream that answers with its own x-request-id (api.openai.com does) has it
+        passed to the client untouched (shared/BAD-INPUTS.md), after the proxy's went up.
+        """
+        h = make_harness()
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        [sent] = h.sent()[0].headers.getRawHeaders(b"x-request-id", [])
+        response = FakeResponse(200, {b"x-request-id": [b"req_upstream"]}, length=0)
+        h.sent()[0].deferred.callback(response)
+        response.end()
+        _, headers, _ = parse_response(transport.value())
+        self.assertNotEqual(sent, b"req_upstream")
+        self.assertEqual(headers[b"x-request-id"], [b"req_upstream"])
+
     def test_upstream_key_injected(self) -> None:
         """With an upstream key, the client's Authorization is replaced, never passed on."""
         h = make_harness([upstream_config("a", key_env="K")], keys={"a": b"sk-upstream"})

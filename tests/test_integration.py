@@ -36,6 +36,7 @@ from tests.support.servers import (
     StreamWasReset,
     connect_h2,
     raw_exchange,
+    reactor,
     refused_port,
     sse_events,
     start_mock,
@@ -1067,3 +1068,53 @@ class CancellationTests(TestCase):
         await within(again.done, "a second request on the same connection")
         self.assertEqual(again.status, 200)
         self.assertEqual(json.loads(again.body)["choices"][0]["message"]["content"], _CONTENT)
+
+
+class DemoTests(TestCase):
+    """C{--demo} as a new user meets it: two mock upstreams behind the proxy, really served."""
+
+    timeout = 60
+
+    async def test_demo_serves_from_both_mocks(self) -> None:
+        """
+        The demo's proxy answers the SDK with a fake completion, and eight requests go to its
+        mocks (weights 1 and 3) 2 and 6 ways; the banner says the answers are fake.
+        """
+        from oaiproxy.config import ListenerConfig, ProxyConfig
+        from oaiproxy.listening import Listeners
+        from oaiproxy.service import build_service
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        config = ProxyConfig(
+            listeners=(ListenerConfig("tcp", 0, interface="127.0.0.1"),),
+            demo=True,
+            state_dir=self.mktemp(),
+        )
+        service: Any = build_service(config, reactor, environ={})
+        service.startService()
+        self.addCleanup(service.stopService)
+        [listeners] = [s for s in service if isinstance(s, Listeners)]
+        assert listeners.ports is not None
+        address: Any = listeners.ports[0].getHost()
+        base = f"http://127.0.0.1:{address.port}/v1"
+
+        def call() -> tuple[ChatCompletion, list[str]]:
+            with _sdk(base) as client:
+                completion = client.chat.completions.create(model="mock-gpt", messages=_MESSAGES)
+            with _http1() as client:
+                served = [
+                    client.post(
+                        f"{base}/chat/completions",
+                        content=_CHAT,
+                        headers={"content-type": "application/json"},
+                    ).headers["x-mock-upstream"]
+                    for _ in range(8)
+                ]
+            return completion, served
+
+        completion, served = await _in_thread(call)
+        self.assertEqual(completion.object, "chat.completion")
+        self.assertTrue(completion.choices[0].message.content)
+        self.assertEqual((served.count("mock-a"), served.count("mock-b")), (2, 6))
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("FAKE", text)

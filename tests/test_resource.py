@@ -194,6 +194,22 @@ class BodyTests(SynchronousTestCase):
         h.send(post(b"/v1/chat/completions", b'{"model": "m", "stream": true}'))
         self.assertEqual(h.sent()[0].headers.getRawHeaders(b"accept-encoding"), [b"identity"])
 
+    def test_default_cap_is_32_mib(self) -> None:
+        """
+        With the default limits a body of 32 MiB is taken and one byte more gets 413 before
+        any of it is read (images in base64 are large).
+        """
+        h = make_harness()
+        proto, transport = h.connect()
+        head = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        proto.dataReceived(head % (32 * 1024 * 1024 + 1))
+        status, error, _ = error_of(transport.value())
+        self.assertEqual((status, error["code"]), (413, "request_too_large"))
+        proto, transport = h.connect()
+        proto.dataReceived(head % (32 * 1024 * 1024))
+        self.assertEqual(transport.value(), b"")  # waiting for the body
+        self.assertFalse(transport.disconnecting)
+
     def test_known_length_over_cap_413_at_once(self) -> None:
         """
         A Content-Length over the cap gets 413 and a close before the body is read; it is
