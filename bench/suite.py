@@ -418,6 +418,10 @@ class Bench:
         if (label, text) not in self.commands:
             self.commands.append((label, text))
 
+    def _in_process(self, label: str, call: str) -> None:
+        """Record a step run inside this process (a load client in bench/), as a Python call."""
+        self._command(label, [], prefix=f"# in bench/run.py's process: {call}")
+
     def _note(self, section: str, line: str) -> None:
         print(f"  {line}", flush=True)
         self.notes.setdefault(section, []).append(line)
@@ -790,6 +794,13 @@ class Bench:
                     timeout=ideal + 60,
                 )
 
+            self._in_process(
+                f"burst ({target}, {mode})",
+                f"bench.streams.run_streams({port}, streams={s.ttft_streams}, "
+                f"chunks={s.ttft_chunks}, chunk_size=8, delay_ms={s.ttft_delay_ms}, "
+                f"timeout={ideal + 60:g})",
+            )
+
             run, cpu = self._cpu_during(streams)
             rounds[target].append(run)
             self._note(
@@ -824,6 +835,12 @@ class Bench:
         p50, p99, done, total = medians[modes[0]]
         single: dict[str, StreamRun] = {}
         for target in ("direct", "nginx", "oaiproxy"):
+            self._in_process(
+                f"one stream at a time ({target})",
+                f"bench.streams.run_streams({self._port(target)}, streams={s.ttft_single}, "
+                f"chunks=5, chunk_size=8, delay_ms={s.ttft_delay_ms}, "
+                f"timeout={s.ttft_single * 0.1 + 30:g}, stagger=0.1)",
+            )
             single[target] = run_streams(
                 self._port(target),
                 streams=s.ttft_single,
@@ -947,6 +964,13 @@ class Bench:
         s = self.settings
         assert self.proxy is not None
         chunks = s.slow_total_bytes // s.slow_chunk_size
+        self._in_process(
+            "slow reader (oaiproxy)",
+            f"bench.slowread.slow_read({self.ports.http}, <oaiproxy pid>, chunks={chunks}, "
+            f"chunk_size={s.slow_chunk_size}, read_size={64 * 1024}, read_every=0.05, "
+            f"slow_seconds={s.slow_seconds:g}, pause_seconds={s.slow_pause:g}, "
+            "drain_timeout=120)",
+        )
         result: SlowReadResult = slow_read(
             self.ports.http,
             self.proxy.pid,
@@ -988,6 +1012,13 @@ class Bench:
         s = self.settings
         assert self.proxy is not None and self.mock is not None
         mock_cpu = cpu_seconds(self.mock.pid)
+        self._in_process(
+            "h2 zero window (oaiproxy)",
+            f"bench.h2stall.h2_stall({self.ports.tls}, <oaiproxy pid>, "
+            f"chunks={s.slow_total_bytes // s.slow_chunk_size}, "
+            f"chunk_size={s.slow_chunk_size}, window={s.stall_window}, "
+            f"settle_seconds={s.stall_settle:g}, measure_seconds={s.stall_measure:g})",
+        )
         result: StallResult = h2_stall(
             self.ports.tls,
             self.proxy.pid,
