@@ -80,7 +80,7 @@ def _answer_error(response: IResponse) -> UpstreamAnswer:
         if name.lower() in _PASSED or name.lower().startswith(b"x-ratelimit-")
         for value in values[:1]
     ]
-    phrase = response.phrase.decode("ascii", "replace")
+    phrase = response.phrase[:64].decode("ascii", "replace")
     types = response.headers.getRawHeaders(b"content-type")
     what = "an empty body" if response.length == 0 else "a body that is not JSON"
     if types and response.length != 0:
