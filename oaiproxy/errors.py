@@ -158,8 +158,9 @@ class UpstreamBadStatus(UpstreamError):
 class UpstreamAnswer(UpstreamError):
     """
     The last upstream's own C{5xx} or C{429}, whose body is not JSON (a gateway's HTML page,
-    say): its status and its C{Retry-After}, C{retry-after-ms} and C{x-ratelimit-*} headers
-    reach the client, with an OpenAI-shaped body in place of its own.
+    say): its status and its C{Retry-After}, C{retry-after-ms}, C{x-ratelimit-*},
+    C{x-request-id} and C{openai-*} headers reach the client, with an OpenAI-shaped body in
+    place of its own.
     """
 
     code = "upstream_error"
@@ -172,7 +173,7 @@ class UpstreamAnswer(UpstreamError):
         self._passed = passed
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        """The upstream's own headers that say when to come back."""
+        """The upstream's own headers that are passed on."""
         return self._passed
 
 

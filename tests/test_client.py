@@ -245,6 +245,13 @@ class HandshakeTests(ClientCase):
         protocol.handshakeCompleted()
         self.assertIs(self.successResultOf(protocol.when_handshaken()), protocol)
 
+    def test_handshake_asked_after_the_loss(self) -> None:
+        """Waiting for the handshake of a connection already lost fails at once."""
+        protocol = _Connection(self.client)
+        protocol.makeConnection(RecordingTransport())
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(protocol.when_handshaken(), UpstreamConnectFailed)
+
     def test_lost_during_handshake(self) -> None:
         """A connection lost before its handshake fails the request, retryably."""
         d = self.get()

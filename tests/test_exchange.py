@@ -360,7 +360,7 @@ class FailoverTests(SynchronousTestCase):
         """
         The last upstream's 5xx with a body that is not JSON (a gateway's HTML page) reaches
         the client with its status and Retry-After, and an OpenAI-shaped body saying what
-        came; the page is thrown away (its connection closed), and the answer logged.
+        came; the rest of the page is not read (its connection closed), and the answer logged.
         """
         log = logged(self)
         said = {
@@ -387,6 +387,55 @@ class FailoverTests(SynchronousTestCase):
             self.assertEqual((error["type"], error["code"]), ("api_error", "upstream_error"))
             self.assertEqual(error["message"], f"upstream answered 503 Error {what}")
         self.assertTrue(any("not JSON: passed on as an OpenAI-shaped error" in x for x in log()))
+
+    def test_json_media_types_passed_through(self) -> None:
+        """Any JSON media type, in any case, with parameters, is passed through as it is."""
+        for media in [b"Application/JSON", b"application/problem+json; charset=utf-8"]:
+            h = make_harness([upstream_config("a")])
+            _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+            busy = FakeResponse(503, {b"content-type": [media]}, length=2)
+            h.sent("a")[0].deferred.callback(busy)
+            busy.deliver(b"{}")
+            busy.end()
+            status, got, body = parse_response(transport.value())
+            self.assertEqual((status, got[b"content-type"], body), (503, [media], b"{}"))
+
+    def test_not_json_answer_keeps_upstream_ids_and_escapes_its_words(self) -> None:
+        """
+        The upstream's x-request-id and openai-* headers pass on (shared/BAD-INPUTS.md); its
+        reason phrase and content type reach the message (and so the log) escaped and cut.
+        """
+        h = make_harness([upstream_config("a")])
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        headers = {
+            b"content-type": [b"text/\x1b[31mhtml"],
+            b"x-request-id": [b"req_up"],
+            b"openai-processing-ms": [b"12"],
+            b"openai-version": [b"2020-10-01"],
+        }
+        page = FakeResponse(500, headers, length=9)
+        page.phrase = b"\x1b[2J" + b"w" * 100
+        h.sent("a")[0].deferred.callback(page)
+        status, got, body = parse_response(transport.value())
+        self.assertEqual(status, 500)
+        self.assertEqual(got[b"x-request-id"], [b"req_up"])
+        self.assertEqual(got[b"openai-processing-ms"], [b"12"])
+        self.assertEqual(got[b"openai-version"], [b"2020-10-01"])
+        message = json.loads(body)["error"]["message"]
+        self.assertNotIn("\x1b", message)
+        phrase = message.removeprefix("upstream answered 500 ").partition(" with ")[0]
+        self.assertEqual(phrase, "\\x1b[2J" + "w" * 60)  # 64 characters, escaped
+        self.assertTrue(message.endswith("with a body of type text/\\x1b[31mhtml"), message)
+
+    def test_not_json_answer_without_phrase(self) -> None:
+        """No reason phrase: the status alone, without a double space."""
+        h = make_harness([upstream_config("a")])
+        _, transport = h.send(post(b"/v1/embeddings", b"{}"))
+        page = FakeResponse(502, {}, length=0)
+        page.phrase = b""
+        h.sent("a")[0].deferred.callback(page)
+        message = json.loads(parse_response(transport.value())[2])["error"]["message"]
+        self.assertEqual(message, "upstream answered 502 with an empty body")
 
     def test_last_429_not_json_keeps_rate_limit_headers(self) -> None:
         """A plain-text 429 keeps its status and its rate-limit headers."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Factory
@@ -63,6 +64,16 @@ class MapFailureTests(SynchronousTestCase):
         error = map_failure(Failure(ierror.ConnectionRefusedError()))
         self.assertIsInstance(error, UpstreamConnectFailed)
         self.assertTrue(error.retryable)
+
+    def test_tls_error_retryable(self) -> None:
+        """
+        A TLS error itself (as when setting up TLS on an eager connection raises) is a
+        retryable connect failure that says what OpenSSL said.
+        """
+        error = map_failure(Failure(SSL.Error([("SSL routines", "", "no protocols available")])))
+        self.assertIsInstance(error, UpstreamConnectFailed)
+        self.assertTrue(error.retryable)
+        self.assertEqual(error.message, "upstream TLS handshake failed: no protocols available")
 
     def test_dns_failure_retryable(self) -> None:
         """A name that does not resolve is a retryable connect failure that says so."""

@@ -26,7 +26,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -503,6 +503,8 @@ class _Connection(Protocol):
         """
         if self._handshaken:
             return succeed(self)
+        if self._state == _CLOSED:
+            return fail(UpstreamConnectFailed("upstream TLS handshake failed: connection lost"))
         d: Deferred[_Connection] = Deferred(lambda _: self._abort())
         self._handshake = d
         return d

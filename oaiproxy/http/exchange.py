@@ -33,7 +33,7 @@ from oaiproxy.errors import (
     UpstreamTimeout,
 )
 from oaiproxy.http.forwarder import Forwarder, map_failure
-from oaiproxy.http.headers import retry_after
+from oaiproxy.http.headers import for_log, retry_after
 from oaiproxy.http.relay import Relay
 
 __all__ = ["Exchange"]
@@ -80,19 +80,29 @@ def _answer_error(response: IResponse) -> UpstreamAnswer:
         if name.lower() in _PASSED or name.lower().startswith(b"x-ratelimit-")
         for value in values[:1]
     ]
-    phrase = response.phrase[:64].decode("ascii", "replace")
+    # Both the upstream's words: escaped, for the log line the error makes.
+    phrase = for_log(response.phrase.decode("ascii", "replace"), 64)
+    status = f"{response.code} {phrase}" if phrase else str(response.code)
     types = response.headers.getRawHeaders(b"content-type")
     what = "an empty body" if response.length == 0 else "a body that is not JSON"
     if types and response.length != 0:
-        media = types[0].partition(b";")[0].strip()[:64].decode("ascii", "replace")
+        media = for_log(types[0].partition(b";")[0].strip().decode("ascii", "replace"), 64)
         what = f"a body of type {media}"
-    return UpstreamAnswer(
-        response.code, f"upstream answered {response.code} {phrase} with {what}", passed
-    )
+    return UpstreamAnswer(response.code, f"upstream answered {status} with {what}", passed)
 
 
-#: The upstream's headers an L{UpstreamAnswer} passes on, beside C{x-ratelimit-*}.
-_PASSED = frozenset({b"retry-after", b"retry-after-ms"})
+#: The upstream's headers an L{UpstreamAnswer} passes on, beside C{x-ratelimit-*}: when to
+#: come back, and those passed untouched on any answer (shared/BAD-INPUTS.md).
+_PASSED = frozenset(
+    {
+        b"retry-after",
+        b"retry-after-ms",
+        b"x-request-id",
+        b"openai-processing-ms",
+        b"openai-organization",
+        b"openai-version",
+    }
+)
 
 
 class Exchange:
