@@ -144,7 +144,8 @@ def write_report(path: Path, bench: Bench, *, started: float, elapsed: float) ->
         "and what to change in oaiproxy, is written by hand in "
         "[`FINDINGS.md`](FINDINGS.md) from these profiles.",
         "",
-        "Setup: the mock upstream (`python -m oaiproxy.mock`, Twisted, one process), oaiproxy "
+        "Setup: the mock upstream (`python -m oaiproxy.mock`, Twisted, one process, its garbage "
+        "collector set as the proxy's), oaiproxy "
         "(twistd, one process) and nginx (one worker, `proxy_buffering off`, `listen ... ssl "
         "http2` with oaiproxy's self-signed certificate) run side by side on loopback. Both "
         f"proxies keep up to {UPSTREAM_IDLE} idle HTTP/1.1 connections to the mock for "

@@ -22,7 +22,9 @@ Each request may override the configuration with headers:
 Every HTTP response carries C{x-mock-upstream: <name>} and echoes what the mock received in
 C{x-mock-saw-authorization}, C{x-mock-saw-host} and C{x-mock-saw-request-id}.
 
-Run one with C{python -m oaiproxy.mock --listen tcp:9001}.
+Run one with C{python -m oaiproxy.mock --listen tcp:9001}. Both entry points (that and
+C{twistd oaiproxy-mock}) set Python's garbage collector as the proxy's do
+(L{tune_mock_collector}).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from typing_extensions import override
 from zope.interface import implementer
 
+from oaiproxy.config import Runtime
+from oaiproxy.gctune import tune_collector
 from oaiproxy.listening import Endpoint, Listeners
 
 __all__ = ["MockConfig", "MockOptions", "build_mock_site", "main", "make_mock_service"]
@@ -777,6 +781,19 @@ def make_mock_service(options: MockOptions, reactor: IReactorTime) -> IService:
     return Listeners("oaiproxy-mock", site, _endpoints(reactor, options["listen"], config))
 
 
+def tune_mock_collector(reactor: IReactorCore) -> None:
+    """
+    Set the collector as the proxy's entry points do by default (L{oaiproxy.gctune}): a
+    young threshold of 10,000 and the start-up heap frozen once C{reactor} runs. With
+    Python's defaults the mock's full collections scanned its whole start-up heap (Twisted,
+    its modules) for 25-33 ms, at moments that fell at random into benchmark bursts, the
+    direct ones and the proxied ones alike (bench/FINDINGS.md). For the entry points only:
+    the settings are the process's.
+    """
+    runtime = Runtime()
+    tune_collector(reactor, threshold=runtime.gc_threshold, freeze=runtime.gc_freeze)
+
+
 def _endpoints(reactor: Any, descriptions: Sequence[str], config: MockConfig) -> list[Endpoint]:
     """The server endpoints of C{--listen} values; L{SystemExit} naming a bad one."""
     endpoints = []
@@ -851,6 +868,7 @@ def main(argv: list[str] | None = None) -> None:
     site = build_mock_site(config, cast(IReactorTime, reactor))
     # Raises SystemExit, naming the address, when one cannot listen.
     Listeners("oaiproxy-mock", site, _endpoints(reactor, listens, config)).startService()
+    tune_mock_collector(reactor)
     reactor.run()
 
 

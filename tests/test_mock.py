@@ -14,13 +14,14 @@ from dataclasses import FrozenInstanceError, dataclass
 from typing import Any, cast
 
 from twisted.internet.base import DelayedCall
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel, Request
 from twisted.web.server import Site
 from zope.interface.verify import verifyObject
@@ -771,3 +772,75 @@ class CommandLineTests(SynchronousTestCase):
         self.assertEqual(listens, ["tcp:9001"])
         _, listens = _parse_args(["--listen", "tcp:1", "--listen", "unix:/tmp/m.sock"])
         self.assertEqual(listens, ["tcp:1", "unix:/tmp/m.sock"])
+
+
+class CollectorTests(SynchronousTestCase):
+    """Both entry points set the collector as the proxy's do (tune_mock_collector)."""
+
+    def test_plugin_tunes_the_collector(self) -> None:
+        """C{twistd oaiproxy-mock} tunes the collector with the proxy's defaults."""
+        import twisted.plugins
+        from twisted.application.service import IServiceMaker
+        from twisted.internet import reactor
+        from twisted.plugin import getPlugins
+
+        import oaiproxy.mock
+
+        tuned: list[tuple[object, int | None, bool]] = []
+        self.patch(
+            oaiproxy.mock,
+            "tune_collector",
+            lambda reactor, *, threshold, freeze: tuned.append((reactor, threshold, freeze)),
+        )
+        [maker] = [
+            p for p in getPlugins(IServiceMaker, twisted.plugins) if p.tapname == "oaiproxy-mock"
+        ]
+        options = maker.options()
+        options.parseOptions(["--listen", "tcp:0"])
+        maker.makeService(options)
+        self.assertEqual(tuned, [(reactor, 10_000, True)])
+
+
+class CollectorProcessTests(TestCase):
+    """C{python -m oaiproxy.mock}, as a process: it freezes its start-up heap once running."""
+
+    timeout = 60
+
+    async def test_main_freezes_start_up(self) -> None:
+        """The log of a mock started from the command line says its start-up was frozen."""
+        import sys
+
+        from twisted.internet import reactor
+        from twisted.internet.protocol import ProcessProtocol
+
+        frozen: Deferred[None] = Deferred()
+        ended: Deferred[None] = Deferred()
+
+        class Watch(ProcessProtocol):
+            seen = b""
+
+            def errReceived(self, data: bytes) -> None:
+                self.seen += data
+                if b"objects of start-up frozen" in self.seen and not frozen.called:
+                    frozen.callback(None)
+
+            def processEnded(self, reason: Failure) -> None:
+                ended.callback(None)
+                if not frozen.called:
+                    frozen.errback(AssertionError(self.seen.decode("utf-8", "replace")))
+
+        import os
+        from pathlib import Path
+
+        import oaiproxy
+
+        # This checkout's package, not one installed elsewhere.
+        env = dict(os.environ, PYTHONPATH=str(Path(oaiproxy.__file__).parent.parent))
+        argv = [sys.executable, "-m", "oaiproxy.mock", "--listen", "tcp:0:interface=127.0.0.1"]
+        process = reactor.spawnProcess(Watch(), sys.executable, argv, env=env)
+        try:
+            await frozen
+        finally:
+            if not ended.called:
+                process.signalProcess("TERM")
+            await ended

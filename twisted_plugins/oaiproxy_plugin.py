@@ -43,9 +43,11 @@ class _MockServiceMaker:
     def makeService(self, options: usage.Options) -> IService:
         from twisted.internet import reactor
 
-        from oaiproxy.mock import make_mock_service
+        from oaiproxy.mock import make_mock_service, tune_mock_collector
 
-        return make_mock_service(options, reactor)  # type: ignore[arg-type]
+        service = make_mock_service(options, reactor)  # type: ignore[arg-type]
+        tune_mock_collector(reactor)
+        return service
 
 
 oaiproxy = _ProxyServiceMaker()
