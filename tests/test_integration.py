@@ -327,18 +327,7 @@ class BalancingTests(TestCase):
         b = start_mock(self, "b")
         proxy = start_proxy(self, [a.upstream(weight=1), b.upstream(weight=3)])
 
-        def call() -> list[str]:
-            with _http1() as client:
-                return [
-                    client.post(
-                        f"{proxy.http_url}/v1/chat/completions",
-                        content=_CHAT,
-                        headers={"content-type": "application/json"},
-                    ).headers["x-mock-upstream"]
-                    for _ in range(8)
-                ]
-
-        served = await _in_thread(call)
+        served = [upstream for _, upstream in await _served_by(proxy.http_url, 8)]
         self.assertEqual((served.count("a"), served.count("b")), (2, 6))
         self.assertEqual((len(a.requests), len(b.requests)), (2, 6))
         # Smooth: the light upstream is never picked twice in a row.
@@ -553,15 +542,16 @@ def _dead(testcase: TestCase, name: str) -> UpstreamConfig:
     return UpstreamConfig(url=f"http://127.0.0.1:{refused_port(testcase)}/v1", name=name)
 
 
-def _served_by(proxy: ProxyServer, count: int) -> Deferred[list[tuple[int, str | None]]]:
-    """Send C{count} chat requests in turn; the status and serving mock of each."""
+def _served_by(base: str, count: int) -> Deferred[list[tuple[int, str | None]]]:
+    """Send C{count} chat requests in turn to the proxy at C{base}; the status and serving
+    mock of each."""
 
     def call() -> list[tuple[int, str | None]]:
         with _http1() as client:
             answers = []
             for _ in range(count):
                 response = client.post(
-                    f"{proxy.http_url}/v1/chat/completions",
+                    f"{base}/v1/chat/completions",
                     content=_CHAT,
                     headers={"content-type": "application/json"},
                 )
@@ -581,7 +571,7 @@ class FailoverTests(TestCase):
         mock = start_mock(self, "b")
         proxy = start_proxy(self, [_dead(self, "dead"), mock.upstream()])
 
-        self.assertEqual(await _served_by(proxy, 4), [(200, "b")] * 4)
+        self.assertEqual(await _served_by(proxy.http_url, 4), [(200, "b")] * 4)
         self.assertEqual(len(mock.requests), 4)
 
     async def test_all_refused_is_502(self) -> None:
@@ -603,7 +593,7 @@ class FailoverTests(TestCase):
             healthy = start_mock(self, "healthy")
             proxy = start_proxy(self, [failing.upstream(), healthy.upstream()])
 
-            self.assertEqual(await _served_by(proxy, 4), [(200, "healthy")] * 4, fault)
+            self.assertEqual(await _served_by(proxy.http_url, 4), [(200, "healthy")] * 4, fault)
             self.assertEqual(len(healthy.requests), 4)
             # The failing upstream was really tried (else this test would prove nothing).
             self.assertGreaterEqual(len(failing.requests), 1)
@@ -1096,23 +1086,14 @@ class DemoTests(TestCase):
         [listeners] = [s for s in service if isinstance(s, Listeners)]
         assert listeners.ports is not None
         address: Any = listeners.ports[0].getHost()
-        base = f"http://127.0.0.1:{address.port}/v1"
+        base = f"http://127.0.0.1:{address.port}"
 
-        def call() -> tuple[ChatCompletion, list[str]]:
-            with _sdk(base) as client:
-                completion = client.chat.completions.create(model="mock-gpt", messages=_MESSAGES)
-            with _http1() as client:
-                served = [
-                    client.post(
-                        f"{base}/chat/completions",
-                        content=_CHAT,
-                        headers={"content-type": "application/json"},
-                    ).headers["x-mock-upstream"]
-                    for _ in range(8)
-                ]
-            return completion, served
+        def call() -> ChatCompletion:
+            with _sdk(f"{base}/v1") as client:
+                return client.chat.completions.create(model="mock-gpt", messages=_MESSAGES)
 
-        completion, served = await _in_thread(call)
+        completion = await _in_thread(call)
+        served = [upstream for _, upstream in await _served_by(base, 8)]
         self.assertEqual(completion.object, "chat.completion")
         self.assertTrue(completion.choices[0].message.content)
         self.assertEqual((served.count("mock-a"), served.count("mock-b")), (2, 6))
