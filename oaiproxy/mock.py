@@ -70,7 +70,14 @@ from oaiproxy.config import Runtime
 from oaiproxy.gctune import tune_collector
 from oaiproxy.listening import Endpoint, Listeners
 
-__all__ = ["MockConfig", "MockOptions", "build_mock_site", "main", "make_mock_service"]
+__all__ = [
+    "MockConfig",
+    "MockOptions",
+    "build_mock_site",
+    "main",
+    "make_mock_service",
+    "tune_mock_collector",
+]
 
 _log = Logger(namespace="oaiproxy.mock")  # not "__main__" under python -m
 
