@@ -11,7 +11,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import (
@@ -41,6 +41,7 @@ from tests.support.fakes import FakeTCP, RecordingTransport
 ORIGIN = b"http://upstream.test:8080"
 URL = ORIGIN + b"/v1/models"
 GET = b"GET /v1/models HTTP/1.1\r\n\r\n"
+_DONE = Failure(ConnectionDone())
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -1209,10 +1210,22 @@ class DownstreamFieldsTests(ClientCase):
 
 
 class _Silent(Protocol):
-    """An upstream that accepts a connection and never reads from it."""
+    """An upstream that accepts a connection and never reads from it (so never sees its
+    close either: L{close} ends it)."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
         self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        self.lost.callback(None)
+
+    def close(self) -> Deferred[None]:
+        """Abort the connection; fires once it is lost (its socket closed)."""
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        return self.lost
 
 
 class LargeBodyCopyTests(TestCase):
@@ -1228,10 +1241,17 @@ class LargeBodyCopyTests(TestCase):
 
         from oaiproxy.http import client as client_module
 
+        servers: list[_Silent] = []
+
+        def silent() -> _Silent:
+            servers.append(_Silent())
+            return servers[-1]
+
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(_Silent)
+            Factory.forProtocol(silent)
         )
         self.addCleanup(port.stopListening)
+        self.addCleanup(lambda: DeferredList([server.close() for server in servers]))
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
         origin = b"http://127.0.0.1:%d" % (port.getHost().port,)
         client = UpstreamClient(reactor, origin, endpoint, idle_connections=1, keepalive=5.0)
