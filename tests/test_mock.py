@@ -838,9 +838,12 @@ class CollectorProcessTests(TestCase):
         env = dict(os.environ, PYTHONPATH=str(Path(oaiproxy.__file__).parent.parent))
         argv = [sys.executable, "-m", "oaiproxy.mock", "--listen", "tcp:0:interface=127.0.0.1"]
         process = reactor.spawnProcess(Watch(), sys.executable, argv, env=env)
-        try:
-            await frozen
-        finally:
+
+        def stop() -> Deferred[None]:
+            # A cleanup: it runs even when the test fails or times out.
             if not ended.called:
-                process.signalProcess("TERM")
-            await ended
+                process.signalProcess("KILL")
+            return ended
+
+        self.addCleanup(stop)
+        await frozen
