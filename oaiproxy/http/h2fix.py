@@ -85,7 +85,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import suppress
-from typing import Any, ClassVar, Final, cast
+from typing import Any, ClassVar, Final, TypeVar, cast
 
 import h2.connection
 import h2.errors
@@ -1167,6 +1167,9 @@ class ProxyHTTPChannelSwitch(_GenericHTTPChannelProtocol):
         network_producer.registerProducer(connection, True)
 
 
+_Served = TypeVar("_Served", H1Channel, ProxyHTTPChannelSwitch)
+
+
 class ProxySite(Site):
     """
     A L{Site} on an injected reactor, serving HTTP/1.1 with L{H1Channel} and HTTP/2 with
@@ -1250,8 +1253,12 @@ class ProxySite(Site):
             max_headers=self.max_headers,
             max_header_bytes=self.max_header_bytes,
         )
-        protocol.factory = self
         protocol.callLater = self.reactor.callLater
+        return self._served_here(protocol)
+
+    def _served_here(self, protocol: _Served) -> _Served:
+        """C{protocol}, told of this site as Twisted's L{Site} tells its channels."""
+        protocol.factory = self
         protocol.timeOut = self.timeOut
         protocol.requestFactory = self.requestFactory
         protocol.site = self
@@ -1277,12 +1284,8 @@ class ProxySite(Site):
         if not self.connections.admit():
             return Refusal(self.reactor, self.connections.limit)
         channel = H1Channel(self.reactor, **self._h1_options)
-        channel.factory = self
-        channel.timeOut = self.timeOut
-        channel.requestFactory = self.requestFactory
-        channel.site = self
         channel.on_close = self.connections.release
-        return channel
+        return self._served_here(channel)
 
     @override
     def log(self, request: Request | IRequest) -> None:
